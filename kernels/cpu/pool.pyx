@@ -1,0 +1,120 @@
+# cython: language_level=3
+"""Pooling CPU kernels: max_pool, avg_pool over (N,K,R,C) planes.
+
+Padding is never counted: a window is clipped to the input before the
+max / mean (avg divides by the number of in-bounds pixels). OpenMP runs over
+the N*K planes."""
+include "check.pxi"
+
+from cython.parallel cimport prange
+
+cdef isize GRAIN = 1 << 14
+
+
+cdef void _max_plane(const float* x, float* y, int R, int C, int Ro, int Co,
+                     int nr, int nc, int sy, int sx, int py, int px) noexcept nogil:
+    cdef int oy, ox, iy, ix, y0, y1, x0, x1
+    cdef float m
+    cdef const float* xr
+    for oy in range(Ro):
+        y0 = oy * sy - py
+        y1 = min(y0 + nr, R)
+        y0 = max(y0, 0)
+        for ox in range(Co):
+            x0 = ox * sx - px
+            x1 = min(x0 + nc, C)
+            x0 = max(x0, 0)
+            m = x[y0 * C + x0]
+            for iy in range(y0, y1):
+                xr = x + iy * C
+                for ix in range(x0, x1):
+                    m = max(m, xr[ix])
+            y[oy * Co + ox] = m
+
+
+cdef void _avg_plane(const float* x, float* y, int R, int C, int Ro, int Co,
+                     int nr, int nc, int sy, int sx, int py, int px) noexcept nogil:
+    cdef int oy, ox, iy, ix, y0, y1, x0, x1
+    cdef float s
+    cdef const float* xr
+    for oy in range(Ro):
+        y0 = oy * sy - py
+        y1 = min(y0 + nr, R)
+        y0 = max(y0, 0)
+        for ox in range(Co):
+            x0 = ox * sx - px
+            x1 = min(x0 + nc, C)
+            x0 = max(x0, 0)
+            s = 0.0
+            for iy in range(y0, y1):
+                xr = x + iy * C
+                for ix in range(x0, x1):
+                    s = s + xr[ix]
+            y[oy * Co + ox] = s / <float>((y1 - y0) * (x1 - x0))
+
+
+cdef object _check_pool(str op, x, y, int nr, int nc, int stride_y, int stride_x,
+                        int pad_y, int pad_x):
+    cdef cnp.ndarray ax = _f32_nd(x, op + " x", 4)
+    cdef cnp.ndarray ay = _f32_nd(y, op + " y", 4, True)
+    cdef isize N = _dim(ax, 0), K = _dim(ax, 1), R = _dim(ax, 2), C = _dim(ax, 3)
+    if nr < 1 or nc < 1 or stride_y < 1 or stride_x < 1:
+        raise ValueError(f"{op}: window and strides must be >= 1, got window "
+                         f"{nr}x{nc} stride ({stride_y}, {stride_x})")
+    if pad_y < 0 or pad_x < 0 or pad_y >= nr or pad_x >= nc:
+        raise ValueError(f"{op}: need 0 <= pad < window, got pad ({pad_y}, {pad_x}) "
+                         f"window {nr}x{nc}")
+    if nr > R + 2 * pad_y or nc > C + 2 * pad_x:
+        raise ValueError(f"{op}: window {nr}x{nc} does not fit the padded input {R}x{C}")
+    cdef isize Ro = 1 + (R + 2 * pad_y - nr) // stride_y
+    cdef isize Co = 1 + (C + 2 * pad_x - nc) // stride_x
+    if _dim(ay, 0) != N or _dim(ay, 1) != K or _dim(ay, 2) != Ro or _dim(ay, 3) != Co:
+        raise ValueError(f"{op}: y has shape {_shape(ay)}, expected {(N, K, Ro, Co)}")
+    _no_alias(ay, ax, op)
+    _check_int(R * C, op + " R*C")
+    return ax, ay
+
+
+def _pool(bint is_max, str op, x, y, int nr, int nc, int stride_y, int stride_x,
+          int pad_y, int pad_x):
+    cdef cnp.ndarray ax, ay
+    ax, ay = _check_pool(op, x, y, nr, nc, stride_y, stride_x, pad_y, pad_x)
+    cdef isize NK = _dim(ax, 0) * _dim(ax, 1)
+    cdef int R = <int>_dim(ax, 2), C = <int>_dim(ax, 3)
+    cdef int Ro = <int>_dim(ay, 2), Co = <int>_dim(ay, 3)
+    if NK == 0 or <isize>Ro * Co == 0:
+        return
+    cdef const float* px = _ptr(ax)
+    cdef float* py = _ptr(ay)
+    cdef isize i
+    cdef isize pin = <isize>R * C, pout = <isize>Ro * Co
+    cdef int nt = _threads_for(NK * pout * nr * nc, GRAIN)
+    with nogil:
+        if nt == 1:
+            for i in range(NK):
+                if is_max:
+                    _max_plane(px + i * pin, py + i * pout, R, C, Ro, Co, nr, nc,
+                               stride_y, stride_x, pad_y, pad_x)
+                else:
+                    _avg_plane(px + i * pin, py + i * pout, R, C, Ro, Co, nr, nc,
+                               stride_y, stride_x, pad_y, pad_x)
+        else:
+            for i in prange(NK, num_threads=nt, schedule="static"):
+                if is_max:
+                    _max_plane(px + i * pin, py + i * pout, R, C, Ro, Co, nr, nc,
+                               stride_y, stride_x, pad_y, pad_x)
+                else:
+                    _avg_plane(px + i * pin, py + i * pout, R, C, Ro, Co, nr, nc,
+                               stride_y, stride_x, pad_y, pad_x)
+
+
+def max_pool(x, y, int nr, int nc, int stride_y, int stride_x, int pad_y, int pad_x):
+    """y (N,K,Ro,Co) = max over the in-bounds part of each nr x nc window of x
+    (N,K,R,C); padding is ignored, never counted as 0."""
+    _pool(True, "max_pool", x, y, nr, nc, stride_y, stride_x, pad_y, pad_x)
+
+
+def avg_pool(x, y, int nr, int nc, int stride_y, int stride_x, int pad_y, int pad_x):
+    """y (N,K,Ro,Co) = mean over the in-bounds part of each nr x nc window of
+    x (N,K,R,C) (the count excludes padding)."""
+    _pool(False, "avg_pool", x, y, nr, nc, stride_y, stride_x, pad_y, pad_x)

@@ -1,0 +1,1 @@
+"""minidnn backends: cpu (Cython kernels) and cuda (PyCUDA); see docs/INTERNALS.md."""

@@ -1,0 +1,92 @@
+"""The CPU backend: numpy arrays + compiled Cython kernels (kernels/cpu/*.pyx).
+
+Every op has the signature given in docs/INTERNALS.md. Tensors are float32,
+C-contiguous (N, K, R, C) numpy arrays; outputs are preallocated by the
+caller. Each kernel validates its arguments (dtype, contiguity, shapes,
+aliasing) before touching memory and raises ValueError on a bad call.
+
+Threading. The kernels are parallelised with OpenMP (one team, sized by
+OMP_NUM_THREADS or the machine's cores; see set_num_threads). The GEMM-based
+kernels (conv2d, fc) call scipy's sgemm from *inside* the OpenMP team, each
+thread on its own panel, so the BLAS library that scipy loads must run
+single-threaded: otherwise every OpenMP thread would wake its own BLAS
+threads (2 cores -> 4+ busy threads) and the two pools would fight. At import
+we therefore limit, with threadpoolctl, the BLAS libraries loaded by scipy
+(not numpy's own private copy, which numpy wheels ship separately) to one
+thread. Doing it once costs nothing per call; toggling it per call would
+make OpenBLAS stop and restart its threads.
+"""
+import os
+
+import numpy as np
+
+from minidnn import _cpu_conv, _cpu_eltwise, _cpu_pool
+
+name = "cpu"
+
+conv2d = _cpu_conv.conv2d
+fc = _cpu_conv.fc
+affine = _cpu_eltwise.affine
+relu = _cpu_eltwise.relu
+add = _cpu_eltwise.add
+softmax = _cpu_eltwise.softmax
+max_pool = _cpu_pool.max_pool
+avg_pool = _cpu_pool.avg_pool
+
+__all__ = ["name", "conv2d", "fc", "affine", "relu", "add", "max_pool", "avg_pool",
+           "softmax", "empty", "asarray", "to_numpy", "set_num_threads",
+           "get_num_threads"]
+
+
+def empty(shape):
+    """An uninitialised float32 C-contiguous array of the given shape."""
+    return np.empty(shape, dtype=np.float32)
+
+
+def asarray(a):
+    """A float32 C-contiguous copy of a (always a copy: the runtime owns it)."""
+    return np.array(a, dtype=np.float32, order="C", copy=True)
+
+
+def to_numpy(a):
+    """The numpy array itself (the CPU backend's arrays already are numpy)."""
+    return a
+
+
+def set_num_threads(n):
+    """Use n threads in the CPU kernels (n >= 1)."""
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"set_num_threads: need n >= 1, got {n}")
+    _cpu_conv.set_num_threads(n)
+
+
+def get_num_threads():
+    """The number of threads the CPU kernels use."""
+    return _cpu_conv.get_num_threads()
+
+
+def _pin_scipy_blas():
+    """Limit the BLAS libraries used by scipy's cython_blas to one thread
+    (see the module docstring). Returns the libraries limited, for tests."""
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401  (loads scipy's BLAS)
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        return []
+    numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
+    numpy_private = (os.path.join(numpy_dir, "numpy"), os.path.join(numpy_dir, "numpy.libs"))
+    limited = []
+    ctl = ThreadpoolController()
+    for lib in ctl.lib_controllers:
+        if lib.user_api != "blas":
+            continue
+        path = os.path.realpath(lib.filepath or "")
+        if path.startswith(numpy_private):
+            continue  # numpy's own copy: scipy never calls it, leave it alone
+        lib.set_num_threads(1)
+        limited.append(path)
+    return limited
+
+
+_blas_pinned = _pin_scipy_blas()

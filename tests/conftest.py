@@ -1,0 +1,43 @@
+"""pytest options for minidnn.
+
+`--gpu` runs the tests marked `gpu`. Without it they are skipped; with it a
+machine without a usable GPU (no PyCUDA, no driver, no device) is an error,
+not a silent skip: the session stops with the reason.
+"""
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu", action="store_true", default=False,
+                     help="run the GPU tests (a usable CUDA GPU is then required)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; runs only with --gpu")
+    if config.getoption("--gpu"):
+        problem = _gpu_problem()
+        if problem:
+            raise pytest.UsageError(f"--gpu was given but no usable GPU: {problem}")
+
+
+def _gpu_problem():
+    try:
+        import pycuda.driver as drv
+    except Exception as e:  # ImportError, or a broken libcuda
+        return f"PyCUDA cannot be imported ({e}); install it with pip install '.[gpu]'"
+    try:
+        drv.init()
+        if drv.Device.count() < 1:
+            return "the CUDA driver sees no device"
+    except Exception as e:
+        return f"the CUDA driver failed to initialise ({e})"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--gpu"):
+        return
+    skip = pytest.mark.skip(reason="GPU test: run with --gpu")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

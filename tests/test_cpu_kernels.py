@@ -1,0 +1,344 @@
+"""The CPU kernels (minidnn.backends.cpu) against slow, obviously-correct
+NumPy references written here as plain loops / einsum in float64.
+
+Tolerance: rtol=1e-5, atol=1e-5 * max(1, |ref|.max())."""
+import itertools
+
+import numpy as np
+import pytest
+
+cpu = pytest.importorskip("minidnn.backends.cpu")
+
+RNG = np.random.default_rng(1234)
+
+
+def rand(*shape, scale=1.0):
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+def assert_close(got, ref):
+    ref = np.asarray(ref, dtype=np.float64)
+    atol = 1e-5 * max(1.0, float(np.abs(ref).max(initial=0.0)))
+    np.testing.assert_allclose(got.astype(np.float64), ref, rtol=1e-5, atol=atol)
+
+
+@pytest.fixture(params=[None, 1, 3], ids=["threads=default", "threads=1", "threads=3"])
+def threads(request):
+    """Run a test with the default team, one thread, and more threads than cores."""
+    old = cpu.get_num_threads()
+    if request.param is not None:
+        cpu.set_num_threads(request.param)
+    yield request.param
+    cpu.set_num_threads(old)
+
+
+# ------------------------------------------------------------- references
+
+def out_size(n, k, s, p):
+    return 1 + (n + 2 * p - k) // s
+
+
+def ref_conv2d(x, w, b, sy, sx, py, px, relu):
+    x = x.astype(np.float64)
+    w = w.astype(np.float64)
+    N, K, R, C = x.shape
+    F, _, nr, nc = w.shape
+    Ro, Co = out_size(R, nr, sy, py), out_size(C, nc, sx, px)
+    xp = np.zeros((N, K, R + 2 * py, C + 2 * px))
+    xp[:, :, py:py + R, px:px + C] = x
+    y = np.zeros((N, F, Ro, Co))
+    for i in range(nr):
+        for j in range(nc):
+            patch = xp[:, :, i:i + sy * (Ro - 1) + 1:sy, j:j + sx * (Co - 1) + 1:sx]
+            y += np.einsum("nkrc,fk->nfrc", patch, w[:, :, i, j])
+    if b is not None:
+        y += b.astype(np.float64).reshape(1, F, 1, 1)
+    return np.maximum(y, 0) if relu else y
+
+
+def ref_pool(x, nr, nc, sy, sx, py, px, op):
+    N, K, R, C = x.shape
+    Ro, Co = out_size(R, nr, sy, py), out_size(C, nc, sx, px)
+    y = np.zeros((N, K, Ro, Co))
+    for oy in range(Ro):
+        for ox in range(Co):
+            y0, x0 = oy * sy - py, ox * sx - px
+            win = x[:, :, max(y0, 0):min(y0 + nr, R), max(x0, 0):min(x0 + nc, C)]
+            win = win.astype(np.float64).reshape(N, K, -1)
+            y[:, :, oy, ox] = win.max(axis=2) if op == "max" else win.mean(axis=2)
+    return y
+
+
+def ref_softmax(x):
+    x = x.astype(np.float64)
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# ------------------------------------------------------------------ conv2d
+
+# (N, K, R, C, F, nr, nc, sy, sx, py, px)
+CONV_CASES = [
+    (1, 1, 5, 5, 1, 3, 3, 1, 1, 0, 0),
+    (2, 3, 7, 9, 4, 3, 3, 1, 1, 1, 1),
+    (3, 5, 11, 13, 6, 3, 2, 2, 3, 1, 0),      # non-square kernel, mixed strides
+    (1, 4, 9, 8, 5, 2, 5, 3, 1, 0, 2),
+    (2, 3, 17, 15, 7, 5, 5, 2, 2, 2, 2),
+    (3, 8, 10, 10, 16, 1, 1, 1, 1, 0, 0),     # direct 1x1 path
+    (2, 8, 11, 11, 16, 1, 1, 2, 2, 0, 0),     # 1x1 stride-2 projection
+    (1, 6, 4, 4, 3, 4, 4, 1, 1, 0, 0),        # kernel == input
+    (2, 2, 3, 3, 3, 5, 5, 1, 1, 1, 1),        # kernel == padded input
+    (1, 3, 6, 6, 4, 3, 3, 3, 3, 2, 2),        # big pad
+    (1, 3, 80, 80, 8, 3, 3, 1, 1, 1, 1),      # several pixel chunks
+    (3, 16, 19, 23, 24, 3, 3, 1, 1, 1, 1),    # odd batch: work split inside samples
+    (1, 64, 5, 5, 96, 3, 3, 1, 1, 1, 1),      # batch 1, few pixels: filter split
+    (5, 32, 12, 12, 33, 3, 3, 2, 2, 1, 1),
+    (4, 3, 33, 31, 8, 7, 7, 2, 2, 3, 3),      # ResNet stem shape
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=[str(c) for c in CONV_CASES])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+def test_conv2d(case, bias, relu, threads):
+    N, K, R, C, F, nr, nc, sy, sx, py, px = case
+    x, w = rand(N, K, R, C), rand(F, K, nr, nc)
+    b = rand(F) if bias else None
+    y = np.full((N, F, out_size(R, nr, sy, py), out_size(C, nc, sx, px)), np.nan, np.float32)
+    cpu.conv2d(x, w, b, y, sy, sx, py, px, relu)
+    assert_close(y, ref_conv2d(x, w, b, sy, sx, py, px, relu))
+
+
+def test_conv2d_repeat_reuses_workspace():
+    x, w, b = rand(2, 16, 20, 20), rand(8, 16, 3, 3), rand(8)
+    y1 = cpu.empty((2, 8, 20, 20))
+    y2 = cpu.empty((2, 8, 20, 20))
+    cpu.conv2d(x, w, b, y1, 1, 1, 1, 1, True)
+    cpu.conv2d(x, w, b, y2, 1, 1, 1, 1, True)
+    np.testing.assert_array_equal(y1, y2)
+
+
+def test_conv2d_batch_zero():
+    x, w = rand(0, 3, 5, 5), rand(2, 3, 3, 3)
+    y = cpu.empty((0, 2, 3, 3))
+    cpu.conv2d(x, w, None, y, 1, 1, 0, 0, False)
+
+
+# ---------------------------------------------------------------------- fc
+
+@pytest.mark.parametrize("N,D,O", [(1, 1, 1), (1, 7, 3), (3, 17, 5), (1, 300, 130),
+                                   (37, 129, 65), (64, 512, 10), (2, 3000, 100)])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+def test_fc(N, D, O, bias, relu, threads):
+    x, w = rand(N, D), rand(O, D)
+    b = rand(O) if bias else None
+    y = np.full((N, O), np.nan, np.float32)
+    cpu.fc(x, w, b, y, relu)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    if bias:
+        ref += b
+    assert_close(y, np.maximum(ref, 0) if relu else ref)
+
+
+def test_fc_4d_views():
+    x, w, b = rand(3, 4, 5, 6), rand(7, 120), rand(7)
+    y = cpu.empty((3, 7, 1, 1))
+    cpu.fc(x, w, b, y, False)
+    ref = x.reshape(3, -1).astype(np.float64) @ w.astype(np.float64).T + b
+    assert_close(y.reshape(3, 7), ref)
+
+
+# ------------------------------------------------------------------ affine
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 7), (1, 17, 1, 1), (9, 33, 1, 1),
+                                   (3, 16, 40, 40), (2, 64, 3, 3)])
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_affine(shape, relu, inplace, threads):
+    x = rand(*shape)
+    g, be = rand(shape[1]), rand(shape[1])
+    ref = x.astype(np.float64) * g.reshape(1, -1, 1, 1) + be.reshape(1, -1, 1, 1)
+    ref = np.maximum(ref, 0) if relu else ref
+    y = x if inplace else np.full(shape, np.nan, np.float32)
+    cpu.affine(x, g, be, y, relu)
+    assert_close(y, ref)
+
+
+# ------------------------------------------------------------ relu and add
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 7), (4, 64, 33, 31), (1, 100003, 1, 1)])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_relu(shape, inplace, threads):
+    x = rand(*shape)
+    ref = np.maximum(x.astype(np.float64), 0)
+    y = x if inplace else np.full(shape, np.nan, np.float32)
+    cpu.relu(x, y)
+    assert_close(y, ref)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 7), (4, 64, 33, 31), (1, 100003, 1, 1)])
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("where", ["out", "a", "b"])
+def test_add(shape, relu, where, threads):
+    a, b = rand(*shape), rand(*shape)
+    ref = a.astype(np.float64) + b
+    ref = np.maximum(ref, 0) if relu else ref
+    y = {"out": np.full(shape, np.nan, np.float32), "a": a, "b": b}[where]
+    cpu.add(a, b, y, relu)
+    assert_close(y, ref)
+
+
+# ----------------------------------------------------------------- pooling
+
+# (N, K, R, C, nr, nc, sy, sx, py, px)
+POOL_CASES = [
+    (1, 1, 4, 4, 2, 2, 2, 2, 0, 0),
+    (2, 3, 7, 9, 3, 3, 2, 2, 1, 1),
+    (3, 2, 11, 10, 3, 2, 1, 3, 2, 1),
+    (1, 4, 6, 6, 6, 6, 1, 1, 0, 0),          # global
+    (2, 5, 9, 7, 4, 3, 3, 2, 3, 2),          # pad = window - 1
+    (4, 16, 33, 33, 3, 3, 2, 2, 1, 1),
+    (2, 64, 112, 112, 3, 3, 2, 2, 1, 1),     # ResNet-18 stem pool
+    (1, 3, 5, 5, 5, 1, 1, 1, 2, 0),
+]
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=[str(c) for c in POOL_CASES])
+@pytest.mark.parametrize("op", ["max", "avg"])
+def test_pool(case, op, threads):
+    N, K, R, C, nr, nc, sy, sx, py, px = case
+    x = rand(N, K, R, C) - 3.0     # negative values: padding must never count as 0
+    y = np.full((N, K, out_size(R, nr, sy, py), out_size(C, nc, sx, px)), np.nan, np.float32)
+    getattr(cpu, op + "_pool")(x, y, nr, nc, sy, sx, py, px)
+    assert_close(y, ref_pool(x, nr, nc, sy, sx, py, px, op))
+
+
+# ----------------------------------------------------------------- softmax
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 10, 1, 1), (7, 1000, 1, 1), (2, 3, 5, 7),
+                                   (3, 21, 17, 19), (1, 4, 30, 30)])
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_softmax(shape, scale, inplace, threads):
+    x = rand(*shape, scale=scale)
+    ref = ref_softmax(x)
+    y = x if inplace else np.full(shape, np.nan, np.float32)
+    cpu.softmax(x, y)
+    assert_close(y, ref)
+
+
+def test_softmax_is_stable_for_huge_inputs():
+    x = np.array([1e30, 1e30, -1e30], np.float32).reshape(1, 3, 1, 1)
+    y = cpu.empty(x.shape)
+    cpu.softmax(x, y)
+    assert_close(y, [[[[0.5]], [[0.5]], [[0.0]]]])
+
+
+# ---------------------------------------------------------- memory helpers
+
+def test_memory_primitives():
+    assert cpu.name == "cpu"
+    e = cpu.empty((2, 3, 4, 5))
+    assert e.shape == (2, 3, 4, 5) and e.dtype == np.float32 and e.flags.c_contiguous
+    src = np.arange(6, dtype=np.float64).reshape(1, 6, 1, 1)
+    a = cpu.asarray(src)
+    assert a.dtype == np.float32 and a.flags.c_contiguous and not np.shares_memory(a, src)
+    assert cpu.to_numpy(a) is a or np.array_equal(cpu.to_numpy(a), a)
+
+
+def test_scipy_blas_pinned_numpy_untouched():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    info = threadpoolctl.threadpool_info()
+    for lib in info:
+        if lib["user_api"] == "blas" and lib["filepath"] in cpu._blas_pinned:
+            assert lib["num_threads"] == 1
+
+
+# --------------------------------------------------- bad calls never crash
+
+def _ok_conv():
+    return rand(2, 3, 8, 8), rand(4, 3, 3, 3), rand(4), cpu.empty((2, 4, 8, 8))
+
+
+BAD_CONV = {
+    "x float64": lambda x, w, b, y: (x.astype(np.float64), w, b, y),
+    "x list": lambda x, w, b, y: (x.tolist(), w, b, y),
+    "x non-contiguous": lambda x, w, b, y: (np.asfortranarray(x), w, b, y),
+    "x 3-d": lambda x, w, b, y: (x[0], w, b, y),
+    "w channels": lambda x, w, b, y: (x, rand(4, 2, 3, 3), b, y),
+    "bias size": lambda x, w, b, y: (x, w, rand(5), y),
+    "y shape": lambda x, w, b, y: (x, w, b, cpu.empty((2, 4, 7, 8))),
+    "y read-only": lambda x, w, b, y: (x, w, b, _readonly(y)),
+    "y is x": lambda x, w, b, y: (y, rand(4, 4, 3, 3), b, y),
+    "y None": lambda x, w, b, y: (x, w, b, None),
+}
+
+
+def _readonly(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+@pytest.mark.parametrize("bad", list(BAD_CONV), ids=list(BAD_CONV))
+def test_conv2d_bad_calls_raise(bad):
+    args = BAD_CONV[bad](*_ok_conv())
+    with pytest.raises(ValueError):
+        cpu.conv2d(*args, 1, 1, 1, 1, False)
+
+
+@pytest.mark.parametrize("sy,sx,py,px", [(0, 1, 1, 1), (1, -1, 1, 1), (1, 1, -1, 0)])
+def test_conv2d_bad_geometry_raises(sy, sx, py, px):
+    x, w, b, y = _ok_conv()
+    with pytest.raises(ValueError):
+        cpu.conv2d(x, w, b, y, sy, sx, py, px, False)
+
+
+def test_conv2d_filter_larger_than_input_raises():
+    with pytest.raises(ValueError):
+        cpu.conv2d(rand(1, 1, 3, 3), rand(1, 1, 5, 5), None, cpu.empty((1, 1, 1, 1)), 1, 1, 0, 0, False)
+
+
+def test_fc_bad_calls_raise():
+    x, w, y = rand(3, 10), rand(4, 10), cpu.empty((3, 4))
+    for args in [(x, rand(4, 9), None, y), (x, w, rand(3), y), (x, w, None, cpu.empty((3, 5))),
+                 (x.astype(np.float16), w, None, y), (x, w, None, x), (x, w[None], None, y),
+                 (x[:, ::2], rand(4, 5), None, y)]:
+        with pytest.raises(ValueError):
+            cpu.fc(*args, False)
+
+
+def test_eltwise_bad_calls_raise():
+    x = rand(2, 3, 4, 5)
+    with pytest.raises(ValueError):
+        cpu.relu(x, cpu.empty((2, 3, 4, 6)))
+    with pytest.raises(ValueError):
+        cpu.relu(x, x.astype(np.float64))
+    with pytest.raises(ValueError):
+        cpu.add(x, rand(2, 3, 4, 4), cpu.empty(x.shape), False)
+    with pytest.raises(ValueError):
+        big = rand(2 * 3 * 4 * 5 + 1)
+        cpu.relu(big[1:].reshape(x.shape), big[:-1].reshape(x.shape))   # partial overlap
+    with pytest.raises(ValueError):
+        cpu.affine(x, rand(4), rand(3), cpu.empty(x.shape), False)
+    with pytest.raises(ValueError):
+        cpu.softmax(x, cpu.empty((2, 3, 5, 4)))
+    with pytest.raises(ValueError):
+        cpu.softmax(x[0], x[0])
+
+
+def test_pool_bad_calls_raise():
+    x = rand(1, 2, 6, 6)
+    for args in [(x, cpu.empty((1, 2, 3, 3)), 2, 2, 2, 2, 2, 0),     # pad >= window
+                 (x, cpu.empty((1, 2, 4, 4)), 2, 2, 2, 2, 0, 0),     # wrong y
+                 (x, cpu.empty((1, 2, 3, 3)), 2, 2, 0, 2, 0, 0),     # stride 0
+                 (x, cpu.empty((1, 2, 1, 1)), 9, 9, 1, 1, 1, 1)]:    # window > input
+        for op in (cpu.max_pool, cpu.avg_pool):
+            with pytest.raises(ValueError):
+                op(*args)
+
+
+def test_set_num_threads_validates():
+    with pytest.raises(ValueError):
+        cpu.set_num_threads(0)
