@@ -23,7 +23,7 @@ def demo_net():
         dnn.fc(10, dnn.relu(dnn.bn_fc(dnn.fc(64,
         dnn.max_pool(2, 2, 2, 2, dnn.relu(dnn.bn_con(dnn.con(32, 3, 3, 1, 1,
         dnn.max_pool(2, 2, 2, 2, dnn.relu(dnn.bn_con(dnn.con(16, 5, 5, 1, 1,
-        dnn.input_tensor()))))))))))))
+        dnn.input_tensor())))))))))))))
 
 
 def cmd_demo(args):

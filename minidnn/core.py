@@ -123,6 +123,8 @@ class Node:
         self._programs = {}
         self._output = None
         self._device = "cpu"
+        self._graphs = True
+        self._device_params = None
 
     # -- dlib's accessors -------------------------------------------------
     def layer_details(self):
@@ -153,12 +155,16 @@ class Node:
     def device(self):
         return self._device
 
-    def to(self, device):
+    def to(self, device, *, graphs=True):
         """Move the network (this node and everything below it) to "cpu" or "cuda".
 
-        Parameters stay NumPy arrays on the host; on "cuda" they are copied to
-        the device now, and again at every later ``to("cuda")``: after writing
-        into the host arrays of a GPU net, call ``to("cuda")`` to upload them.
+        Parameters stay NumPy arrays on the host (the master copy): on "cuda"
+        they are uploaded at the next forward, and again after every later
+        ``to("cuda")``. The rule: after writing into the host parameters of a
+        GPU net, call ``net.to("cuda")`` to make the next forward use them.
+        With ``graphs`` (the default) each compiled GPU forward is captured
+        once as a CUDA graph and replayed. Raises RuntimeError, saying what is
+        missing and how to install it, when the device cannot be used.
         """
         device = str(device)
         if device not in ("cpu", "cuda"):
@@ -166,7 +172,9 @@ class Node:
         ops.backend(device)  # raises a clear RuntimeError if it cannot load
         for n in self.chain():
             n._device = device
+            n._graphs = bool(graphs)
             n._programs.clear()
+            n._device_params = None
             n._output = None
         structure_changed()
         return self
@@ -175,15 +183,35 @@ class Node:
         key = (shape, self._device, _revision[0])
         prog = self._programs.get(key)
         if prog is None:
-            self._programs.clear()
-            prog = Program(self, shape, ops.backend(self._device))
+            # keep a few shapes (alternating batch sizes), drop stale structures
+            for k in [k for k in self._programs if k[1:] != key[1:]]:
+                del self._programs[k]
+            while len(self._programs) >= 4:
+                del self._programs[next(iter(self._programs))]
+            prog = Program(self, shape, ops.backend(self._device), self._uploads(), self._graphs)
             self._programs[key] = prog
         return prog
 
+    def _uploads(self):
+        """The device copies of the parameters, shared by every program of this device."""
+        if self._device == "cpu":
+            return None
+        if self._device_params is None or self._device_params[0] != _revision[0]:
+            self._device_params = (_revision[0], {})
+        return self._device_params[1]
+
     def forward(self, x):
-        """Run the network up to this node on x (N, K, R, C) float32; return this node's output."""
+        """Run the network up to this node on x (N, K, R, C) float32; return this node's
+        output as a new NumPy array. On a GPU net x may also be a device array."""
         prog = self._program(_check_input(self, x))
-        return prog.run(x)
+        y = prog.run(x)
+        return y.copy() if prog.device == "cpu" else prog.backend.to_numpy(y)
+
+    def forward_device(self, x):
+        """Like forward, but the output stays where the net runs: a GPUArray for a GPU
+        net (a NumPy array on the CPU), owned by the net and valid until its next
+        forward. Use it to chain networks without a round trip through the host."""
+        return self._program(_check_input(self, x)).run(x)
 
     def __call__(self, x):
         out = self.forward(x)
@@ -216,6 +244,9 @@ def _check_input(top, x):
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise LayerError(f"layer<{len(top) - 1}> input_tensor: expected a float32 array shaped "
                          f"(N, K, R, C), got {type(x).__name__}")
+    if not isinstance(x, np.ndarray) and top._device == "cpu":
+        raise LayerError(f"layer<{len(top) - 1}> input_tensor: a CPU net takes NumPy arrays, "
+                         f"got {type(x).__name__}")
     if len(x.shape) != 4:
         raise LayerError(f"layer<{len(top) - 1}> input_tensor: expected rank 4 (N, K, R, C), "
                          f"got shape {tuple(x.shape)}")
@@ -295,14 +326,23 @@ class Plan:
 
 
 class Program:
-    """The compiled forward of one chain for one input shape on one backend."""
+    """The compiled forward of one chain for one input shape on one backend.
 
-    def __init__(self, top, shape, backend):
+    On a device backend the whole step list is captured once into a CUDA graph
+    (when the backend offers ``capture`` and the net allows it) and replayed.
+    """
+
+    def __init__(self, top, shape, backend, uploads=None, graphs=True):
         nodes = top.chain()                 # top first
         self.backend = backend
+        self.device = backend.name
         plan = Plan(backend)
-        self.x = plan.empty(shape)
-        self.top = top
+        if uploads is not None:
+            plan._uploaded = uploads        # device copies of parameters, shared by all shapes
+        try:
+            self.x = plan.empty(shape)
+        except MemoryError as e:
+            raise type(e)(f"layer<{len(nodes) - 1}> input_tensor: {e}") from None
         y = self.x
         in_shape = shape
         outputs = []
@@ -322,23 +362,44 @@ class Program:
                         y = layer.build(plan, y)
                 except ShapeError as e:
                     plan.fail(str(e))
+                except MemoryError as e:
+                    raise type(e)(f"layer<{i}> {layer.kind}: {e}") from None
             outputs.append((node, y))
             in_shape = tuple(y.shape)
         self.steps = plan.steps
         self.outputs = outputs
         self.y = y
+        self.graph = None
+        self._use_graph = graphs and self.device != "cpu" and hasattr(backend, "capture")
 
-    def run(self, x):
-        be = self.backend
-        if be.name == "cpu":
-            np.copyto(self.x, x)
-        else:
-            be.copy_in(self.x, x)
+    def _launch_steps(self):
         for fn, args in self.steps:
             fn(*args)
+
+    def run(self, x):
+        """Run on x (a NumPy array, or a device array on a device backend); return the
+        output buffer (owned by the program: valid until its next run)."""
+        if self.device == "cpu":
+            np.copyto(self.x, x)
+            self._launch_steps()
+        else:
+            be = self.backend
+            if isinstance(x, np.ndarray):
+                be.upload(self.x, x)
+            else:
+                be.copy(self.x, x)
+            if self.graph is not None:
+                self.graph.launch()
+            elif self._use_graph:
+                # capture() first runs the steps once (compiling kernels, building
+                # per-shape plans), then records them; the graph is launched from now on
+                self.graph = be.capture(self._launch_steps, warmup=True)
+                self.graph.launch()
+            else:
+                self._launch_steps()
         for node, y in self.outputs:
             node._output = y
-        return be.to_numpy(self.y) if be.name != "cpu" else self.y.copy()
+        return self.y
 
 
 def layer(net, i):

@@ -270,8 +270,16 @@ _MEM_BW = 2.5e12             # bytes/s
 _LAUNCH_S = 2e-6             # one extra kernel launch
 
 
+_force_gemm = None   # tests: (kernel name, S) overrides the choice below
+
+
 def _choose_gemm(F, Ncols, Kd, cfgs, out_elems):
     """Pick (kernel name, BM, BN, BK, split S, kchunk) minimising a crude time model."""
+    if _force_gemm is not None and _force_gemm[0] in cfgs:
+        kname, S = _force_gemm
+        BM, BN, BK, _ = cfgs[kname]
+        kchunk = -(-(-(-Kd // BK)) // S) * BK
+        return kname, BM, BN, BK, -(-Kd // kchunk), kchunk
     best = None
     for kname, (BM, BN, BK, eff) in cfgs.items():
         gx, gy = -(-Ncols // BN), -(-F // BM)
@@ -333,12 +341,12 @@ def _conv_plan(x, w, b, y, sy, sx, py, px, relu):
 
     kname, BM, BN, BK, S, kchunk = _choose_gemm(F, Ncols, Kd, _CONV_CFGS, y.size)
     plan = _GemmPlan()
-    plan.main = _Kernel("conv", kname, "PPPPPiiiiiiiiiiiiiiiqi",
+    plan.main = _Kernel("conv", kname, "PPPPP" + "i" * 14 + "qi",
                         (-(-Ncols // BN), -(-F // BM), S), (256,))
     plan.S = S
     plan.n_out = int(y.size)
     plan.inner, plan.F = P, F
-    vec = int(P % 4 == 0)
+    vec = int(P % 4 == 0 and _ptr(y) % 16 == 0)
     if S > 1:
         plan.ws = empty((S * y.size,))
         plan.reduce = _splitk_reduce_kernel(plan.n_out)
@@ -355,7 +363,8 @@ def conv2d(x, w, b, y, stride_y, stride_x, pad_y, pad_x, relu):
     """y (N,F,Ro,Co) = cross-correlation of x (N,K,R,C) with w (F,K,nr,nc),
     zero padding, + b (F,) if b is not None, then max(., 0) if relu.
     Ro = 1 + (R + 2*pad_y - nr) // stride_y (same for columns)."""
-    key = ("conv", x.shape, w.shape, y.shape, b is None, stride_y, stride_x, pad_y, pad_x, relu)
+    key = ("conv", x.shape, w.shape, y.shape, b is None, stride_y, stride_x, pad_y, pad_x, relu,
+           y.gpudata.__int__() & 15)
     plan = _plans.get(key)
     if plan is None:
         plan = _plans[key] = _conv_plan(x, w, b, y, int(stride_y), int(stride_x),
@@ -387,7 +396,7 @@ def _fc_plan(x, w, b, y, relu):
     plan.keep = None
     plan.n_out, plan.inner, plan.F = N * O, 1, O
     if N <= 8:
-        vec4 = int(D % 4 == 0)
+        vec4 = int(D % 4 == 0 and _aligned16(x, w))
         plan.main = _Kernel("gemm", "fc_small", "PPPPiiiii", (-(-O // 8),), (256,))
         plan.S, plan.ws, plan.reduce = 1, None, None
         plan.args = (N, O, D, int(bool(relu)), vec4)
@@ -398,7 +407,7 @@ def _fc_plan(x, w, b, y, relu):
     # _choose_gemm's (F, Ncols) are (rows, cols): rows N tile BM, cols O tile BN
     plan.main = _Kernel("gemm", kname, "PPPPiiiiiqi", (-(-O // BN), -(-N // BM), S), (256,))
     plan.S = S
-    vec = int(O % 4 == 0)
+    vec = int(O % 4 == 0 and _ptr(y) % 16 == 0)
     if S > 1:
         plan.ws = empty((S * N * O,))
         plan.reduce = _splitk_reduce_kernel(plan.n_out)
@@ -412,7 +421,7 @@ def _fc_plan(x, w, b, y, relu):
 def fc(x, w, b, y, relu):
     """y (N,O) = x (N,D) @ w(O,D).T + b (O,) if b is not None, then max(., 0) if relu.
     x may be any (N, ...) array of N*D elements (seen as (N, D))."""
-    key = ("fc", x.shape, w.shape, y.shape, b is None, relu)
+    key = ("fc", x.shape, w.shape, y.shape, b is None, relu, _aligned16(x, w, y))
     plan = _plans.get(key)
     if plan is None:
         plan = _plans[key] = _fc_plan(x, w, b, y, relu)
@@ -445,9 +454,8 @@ def affine(x, gamma, beta, y, relu):
         _check(x.size == y.size, "affine: x and y sizes differ")
         K = int(gamma.size)
         _check(beta.size == K, "affine: gamma and beta sizes differ")
-        _check(x.size % K == 0 and (x.shape[1] == K if len(x.shape) >= 2 else K == 1)
-               or (len(x.shape) == 2 and x.shape[1] == K),
-               f"affine: x {x.shape} has no channel axis of {K}")
+        _check(len(x.shape) >= 2 and x.shape[1] == K,
+               f"affine: x {x.shape} must be (N, K, ...) with K = {K}")
         _f32c(x, "affine x")
         _f32c(y, "affine y")
         n = int(x.size)

@@ -1,0 +1,387 @@
+"""CUDA kernels (minidnn/backends/cuda.py) against slow, obviously-correct NumPy.
+
+Every test needs a GPU: they run with `pytest --gpu` only. References are
+computed in float64 from the same float32 inputs. Tolerances: elementwise ops,
+pooling and softmax must match to rtol 1e-5 (atol 1e-5 * max(1, |ref|.max()));
+for the reductions of conv2d and fc the atol scale is instead the largest sum
+of absolute products (the same sum with |x| and |w|): an fp32 dot product
+of length L in any order errs by at most about L*eps of that, typically
+sqrt(L)*eps, and 1e-5 covers sqrt(L)*eps (6e-8) up to L ~ 25000.
+Outputs are poisoned with NaN before each call, so an unwritten element fails.
+"""
+import importlib
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_backend():
+    try:
+        return importlib.import_module("minidnn.backends.cuda")
+    except RuntimeError:
+        raise  # the backend's own clear message: no PyCUDA / driver / GPU
+    except Exception:
+        # the runtime package may be mid-edit: load the backend module by path
+        path = ROOT / "minidnn" / "backends" / "cuda.py"
+        spec = importlib.util.spec_from_file_location("minidnn_backends_cuda", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+
+@pytest.fixture(scope="module")
+def cu():
+    return _load_backend()
+
+
+@pytest.fixture
+def rng(request):
+    # fresh inputs per test, reproducible per test name
+    return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
+
+
+def _rand(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _poisoned(cu, shape):
+    return cu.asarray(np.full(shape, np.nan, np.float32))
+
+
+def assert_close(got, ref, scale=None, rtol=1e-5):
+    ref = np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    assert np.isfinite(got).all(), "output has NaN/inf (unwritten or overflowed elements)"
+    if scale is None:
+        scale = np.abs(ref).max() if ref.size else 0.0
+    atol = 1e-5 * max(1.0, float(scale))
+    err = np.abs(got.astype(np.float64) - ref)
+    bad = err > atol + rtol * np.abs(ref)
+    assert not bad.any(), (
+        f"{bad.sum()} of {ref.size} elements off; max err {err.max():.3g}, atol {atol:.3g}, "
+        f"first bad at {np.argwhere(bad)[0]}: got {got[tuple(np.argwhere(bad)[0])]}, "
+        f"ref {ref[tuple(np.argwhere(bad)[0])]}")
+
+
+# --------------------------------------------------------------------------
+# NumPy references (float64)
+
+def conv_ref(x, w, b, sy, sx, py, px, relu):
+    x = x.astype(np.float64)
+    w = w.astype(np.float64)
+    N, K, R, C = x.shape
+    F, _, nr, nc = w.shape
+    Ro = 1 + (R + 2 * py - nr) // sy
+    Co = 1 + (C + 2 * px - nc) // sx
+    xp = np.pad(x, ((0, 0), (0, 0), (py, py), (px, px)))
+    y = np.zeros((N, F, Ro, Co))
+    for r in range(nr):
+        for c in range(nc):
+            patch = xp[:, :, r:r + sy * (Ro - 1) + 1:sy, c:c + sx * (Co - 1) + 1:sx]
+            y += np.einsum("nkhw,fk->nfhw", patch, w[:, :, r, c])
+    if b is not None:
+        y += b.astype(np.float64)[None, :, None, None]
+    return np.maximum(y, 0) if relu else y
+
+
+def pool_ref(x, nr, nc, sy, sx, py, px, kind):
+    x = x.astype(np.float64)
+    N, K, R, C = x.shape
+    Ro = 1 + (R + 2 * py - nr) // sy
+    Co = 1 + (C + 2 * px - nc) // sx
+    y = np.empty((N, K, Ro, Co))
+    for oy in range(Ro):
+        for ox in range(Co):
+            r0, c0 = oy * sy - py, ox * sx - px
+            win = x[:, :, max(r0, 0):min(r0 + nr, R), max(c0, 0):min(c0 + nc, C)]
+            y[:, :, oy, ox] = win.max(axis=(2, 3)) if kind == "max" else win.mean(axis=(2, 3))
+    return y
+
+
+def softmax_ref(x):
+    x = x.astype(np.float64)
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# --------------------------------------------------------------------------
+# conv2d
+
+CONV_CASES = [
+    # N, K, R, C, F, nr, nc, sy, sx, py, px, bias, relu
+    (1, 3, 7, 9, 5, 3, 3, 1, 1, 0, 0, True, False),
+    (2, 4, 11, 13, 7, 3, 5, 2, 1, 1, 2, True, True),
+    (3, 5, 9, 10, 6, 2, 3, 3, 2, 1, 0, False, True),
+    (2, 16, 17, 15, 33, 5, 5, 2, 2, 2, 2, True, True),
+    (2, 3, 5, 6, 3, 1, 4, 3, 3, 0, 3, True, False),
+    (1, 2, 3, 3, 2, 5, 5, 1, 1, 1, 1, True, True),       # window = padded image
+    (4, 3, 32, 32, 16, 7, 7, 2, 2, 3, 3, False, False),  # stem-like
+    (8, 32, 8, 8, 64, 1, 1, 1, 1, 0, 0, True, False),    # 1x1
+    (2, 8, 9, 9, 4, 1, 1, 2, 2, 0, 0, True, True),       # 1x1 stride 2
+    (1, 64, 14, 14, 130, 3, 3, 1, 1, 1, 1, True, True),  # F > 128, small grid
+    (1, 512, 7, 7, 512, 3, 3, 1, 1, 1, 1, True, True),   # long reduction, batch 1
+    (64, 16, 32, 32, 32, 3, 3, 1, 1, 1, 1, True, True),  # many columns
+    (3, 7, 13, 11, 9, 4, 2, 2, 3, 2, 1, True, True),
+]
+
+
+def _conv_check(cu, rng, case):
+    N, K, R, C, F, nr, nc, sy, sx, py, px, bias, relu = case
+    x = _rand(rng, N, K, R, C)
+    w = _rand(rng, F, K, nr, nc)
+    b = _rand(rng, F) if bias else None
+    Ro = 1 + (R + 2 * py - nr) // sy
+    Co = 1 + (C + 2 * px - nc) // sx
+    y = _poisoned(cu, (N, F, Ro, Co))
+    cu.conv2d(cu.asarray(x), cu.asarray(w), None if b is None else cu.asarray(b), y,
+              sy, sx, py, px, relu)
+    ref = conv_ref(x, w, b, sy, sx, py, px, relu)
+    absref = conv_ref(np.abs(x), np.abs(w), None if b is None else np.abs(b), sy, sx, py, px, False)
+    assert_close(cu.to_numpy(y), ref, scale=absref.max())
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d(cu, rng, case):
+    _conv_check(cu, rng, case)
+
+
+@pytest.mark.parametrize("force", [("conv_128x128", 1), ("conv_64x64", 1), ("conv_64x64", 3),
+                                   ("conv_128x128", 5)])
+@pytest.mark.parametrize("case", [CONV_CASES[i] for i in (1, 3, 6, 9, 12)])
+def test_conv2d_every_config(cu, rng, case, force):
+    """Each tile configuration and split-K, whatever the heuristic would pick."""
+    cu._plans.clear()
+    cu._force_gemm = force
+    try:
+        _conv_check(cu, rng, case)
+    finally:
+        cu._force_gemm = None
+        cu._plans.clear()
+
+
+def test_conv2d_reuses_plan_with_new_buffers(cu, rng):
+    case = (2, 4, 11, 13, 7, 3, 5, 2, 1, 1, 2, True, True)
+    for _ in range(3):
+        _conv_check(cu, rng, case)
+
+
+# --------------------------------------------------------------------------
+# fc
+
+FC_CASES = [
+    # N, D, O, bias, relu
+    (1, 10, 7, True, False),
+    (3, 37, 129, True, True),
+    (8, 512, 1000, True, False),
+    (9, 100, 33, False, True),
+    (64, 512, 1000, True, True),
+    (130, 257, 70, True, False),
+    (17, 3000, 5, True, True),
+]
+
+
+def _fc_check(cu, rng, N, D, O, bias, relu, xshape=None):
+    x = _rand(rng, N, D)
+    w = _rand(rng, O, D)
+    b = _rand(rng, O) if bias else None
+    y = _poisoned(cu, (N, O))
+    xg = cu.asarray(x.reshape(xshape) if xshape else x)
+    cu.fc(xg, cu.asarray(w), None if b is None else cu.asarray(b), y, relu)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T + (0 if b is None else b)
+    if relu:
+        ref = np.maximum(ref, 0)
+    absref = np.abs(x).astype(np.float64) @ np.abs(w).T + (0 if b is None else np.abs(b))
+    assert_close(cu.to_numpy(y), ref, scale=absref.max())
+
+
+@pytest.mark.parametrize("case", FC_CASES)
+def test_fc(cu, rng, case):
+    _fc_check(cu, rng, *case)
+
+
+def test_fc_4d_input(cu, rng):
+    _fc_check(cu, rng, 5, 48, 11, True, True, xshape=(5, 3, 4, 4))
+    _fc_check(cu, rng, 20, 48, 11, True, False, xshape=(20, 3, 4, 4))
+
+
+@pytest.mark.parametrize("force", [("fc_tile", 1), ("fc_tile", 3)])
+def test_fc_tile_every_config(cu, rng, force):
+    cu._plans.clear()
+    cu._force_gemm = force
+    try:
+        for case in FC_CASES[3:]:
+            _fc_check(cu, rng, *case)
+    finally:
+        cu._force_gemm = None
+        cu._plans.clear()
+
+
+# --------------------------------------------------------------------------
+# elementwise
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (2, 4, 4, 4), (3, 7, 1, 1), (1, 1, 1, 1)])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_affine(cu, rng, shape, relu, inplace):
+    x = _rand(rng, *shape)
+    g, h = _rand(rng, shape[1]), _rand(rng, shape[1])
+    xg = cu.asarray(x)
+    y = xg if inplace else _poisoned(cu, shape)
+    cu.affine(xg, cu.asarray(g), cu.asarray(h), y, relu)
+    ref = x.astype(np.float64) * g[None, :, None, None] + h[None, :, None, None]
+    assert_close(cu.to_numpy(y), np.maximum(ref, 0) if relu else ref)
+
+
+def test_affine_fc_mode_2d(cu, rng):
+    x = _rand(rng, 6, 10)
+    g, h = _rand(rng, 10), _rand(rng, 10)
+    y = _poisoned(cu, (6, 10))
+    cu.affine(cu.asarray(x), cu.asarray(g), cu.asarray(h), y, True)
+    assert_close(cu.to_numpy(y), np.maximum(x.astype(np.float64) * g + h, 0))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (4, 8, 16, 16), (7,)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_relu(cu, rng, shape, inplace):
+    x = _rand(rng, *shape)
+    xg = cu.asarray(x)
+    y = xg if inplace else _poisoned(cu, shape)
+    cu.relu(xg, y)
+    assert_close(cu.to_numpy(y), np.maximum(x, 0))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (4, 8, 16, 16), (3,)])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_add(cu, rng, shape, relu, inplace):
+    a, b = _rand(rng, *shape), _rand(rng, *shape)
+    ag, bg = cu.asarray(a), cu.asarray(b)
+    y = ag if inplace else _poisoned(cu, shape)
+    cu.add(ag, bg, y, relu)
+    ref = a.astype(np.float64) + b
+    assert_close(cu.to_numpy(y), np.maximum(ref, 0) if relu else ref)
+
+
+# --------------------------------------------------------------------------
+# pooling
+
+POOL_CASES = [
+    # N, K, R, C, nr, nc, sy, sx, py, px
+    (2, 3, 7, 9, 3, 3, 2, 2, 1, 1),
+    (1, 4, 8, 8, 2, 2, 2, 2, 0, 0),
+    (2, 2, 9, 7, 3, 2, 1, 1, 1, 0),
+    (3, 5, 7, 7, 7, 7, 1, 1, 0, 0),     # global
+    (1, 4, 40, 40, 40, 40, 1, 1, 0, 0),  # global, large plane
+    (2, 3, 11, 13, 5, 4, 3, 2, 2, 1),
+    (2, 3, 6, 5, 3, 3, 1, 3, 2, 2),
+    (1, 1, 1, 1, 1, 1, 1, 1, 0, 0),
+]
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_pool(cu, rng, kind, case):
+    N, K, R, C, nr, nc, sy, sx, py, px = case
+    x = _rand(rng, N, K, R, C) - 3.0   # all-negative-ish: padding must not count as 0
+    ref = pool_ref(x, nr, nc, sy, sx, py, px, kind)
+    y = _poisoned(cu, ref.shape)
+    fn = cu.max_pool if kind == "max" else cu.avg_pool
+    fn(cu.asarray(x), y, nr, nc, sy, sx, py, px)
+    assert_close(cu.to_numpy(y), ref)
+
+
+# --------------------------------------------------------------------------
+# softmax
+
+@pytest.mark.parametrize("shape", [(4, 10, 1, 1), (3, 1000, 1, 1), (2, 7, 5, 3), (1, 1, 1, 1),
+                                   (2, 33, 2, 2), (5, 3)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_softmax(cu, rng, shape, inplace):
+    x = _rand(rng, *shape, scale=30.0)   # large logits: needs the max subtraction
+    xg = cu.asarray(x)
+    y = xg if inplace else _poisoned(cu, shape)
+    cu.softmax(xg, y)
+    x4 = x.reshape(shape + (1,) * (4 - len(shape)))
+    assert_close(cu.to_numpy(y), softmax_ref(x4).reshape(shape))
+
+
+# --------------------------------------------------------------------------
+# graphs, memory, import errors
+
+def test_graph_capture_replay(cu, rng):
+    x = cu.asarray(_rand(rng, 2, 3, 12, 12))
+    w = cu.asarray(_rand(rng, 8, 3, 3, 3))
+    b = cu.asarray(_rand(rng, 8))
+    h = cu.empty((2, 8, 12, 12))
+    p = cu.empty((2, 8, 6, 6))
+    fw = cu.asarray(_rand(rng, 10, 8 * 36))
+    fb = cu.asarray(_rand(rng, 10))
+    z = cu.empty((2, 10))
+    s = cu.empty((2, 10))
+
+    def forward():
+        cu.conv2d(x, w, b, h, 1, 1, 1, 1, True)
+        cu.max_pool(h, p, 2, 2, 2, 2, 0, 0)
+        cu.fc(p, fw, fb, z, False)
+        cu.softmax(z, s)
+
+    forward()
+    eager = cu.to_numpy(s)
+    g = cu.capture(forward)
+    cu.upload(s, np.full((2, 10), np.nan, np.float32))
+    g.launch()
+    assert np.array_equal(cu.to_numpy(s), eager)
+    for _ in range(3):
+        g.launch()
+    assert np.array_equal(cu.to_numpy(s), eager)
+
+    # new input through the same buffer: the replay sees it
+    x2 = _rand(rng, 2, 3, 12, 12)
+    cu.upload(x, x2)
+    g.launch()
+    replayed = cu.to_numpy(s)
+    forward()
+    assert np.array_equal(cu.to_numpy(s), replayed)
+    assert not np.array_equal(replayed, eager)
+    g.close()
+
+
+def test_out_of_memory_is_a_clear_memory_error(cu):
+    with pytest.raises(MemoryError, match="out of GPU memory"):
+        cu.empty((1 << 42,))
+    a = cu.empty((4, 4))   # the allocator still works
+    assert a.shape == (4, 4)
+
+
+def test_contract_names(cu):
+    for fn in ("conv2d", "fc", "affine", "relu", "add", "max_pool", "avg_pool", "softmax",
+               "empty", "asarray", "to_numpy"):
+        assert callable(getattr(cu, fn)), fn
+    assert cu.name == "cuda"
+    x = np.arange(6, dtype=np.float64).reshape(2, 3)
+    g = cu.asarray(x)
+    assert g.dtype == np.float32 and g.shape == (2, 3)
+    assert np.array_equal(cu.to_numpy(g), x.astype(np.float32))
+
+
+def test_import_without_pycuda_says_how_to_install():
+    code = (
+        "import sys, importlib.util\n"
+        "sys.modules['pycuda'] = None\n"
+        f"spec = importlib.util.spec_from_file_location('m', {str(ROOT / 'minidnn/backends/cuda.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec)\n"
+        "try:\n"
+        "    spec.loader.exec_module(m)\n"
+        "except RuntimeError as e:\n"
+        "    print('RuntimeError:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert "RuntimeError:" in out and "PyCUDA" in out and 'pip install "minidnn[gpu]"' in out
