@@ -277,7 +277,10 @@ class Plan:
         return self.backend.empty(tuple(int(s) for s in shape))
 
     def step(self, fn, *args):
-        """Append a call ``fn(*args)`` to the forward program."""
+        """Append a call ``fn(*args)`` to the forward program. An ``ops`` function is
+        resolved to the backend's implementation now, not at every call."""
+        if getattr(fn, "__module__", None) == ops.__name__:
+            fn = getattr(self.backend, fn.__name__)
         self.steps.append((fn, args))
 
     # ops whose last argument is a relu flag, and the position of their output

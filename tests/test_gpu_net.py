@@ -1,0 +1,112 @@
+"""Whole networks on the GPU: net.to("cuda") against the CPU path and the NumPy reference."""
+import importlib.util
+
+import numpy as np
+import pytest
+
+import minidnn as dnn
+import reference as R
+from test_fuse import prepared
+from test_net import cifar_resnet, rand
+
+gpu = pytest.mark.gpu
+
+
+def lenet():
+    return dnn.loss_multiclass_log(dnn.fc(10, dnn.relu(dnn.bn_fc(dnn.fc(32, dnn.max_pool(2, 2, 2, 2,
+        dnn.relu(dnn.bn_con(dnn.con(6, 5, 5, 1, 1, dnn.input_tensor(), padding_y=0, padding_x=0)))))))))
+
+
+def odd_net():
+    """Every layer kind, odd sizes, strides and paddings."""
+    x = dnn.tag2(dnn.input_tensor())
+    x = dnn.relu(dnn.bn_con(dnn.con(5, 5, 3, 2, 1, x, padding_y=2, padding_x=1)))
+    x = dnn.tag1(dnn.max_pool(3, 3, 2, 2, x, padding_y=1, padding_x=1))
+    x = dnn.skip3(dnn.tag3(x))
+    x = dnn.add_prev1(dnn.affine(dnn.con(5, 3, 3, 1, 1, x)))
+    x = dnn.avg_pool(3, 2, 2, 1, x, padding_y=1)
+    return dnn.softmax(dnn.fc(7, x))
+
+
+@gpu
+@pytest.mark.parametrize("make,shape", [(lenet, (1, 1, 28, 28)), (lenet, (5, 1, 28, 28)),
+                                        (odd_net, (3, 5, 17, 13)), (odd_net, (1, 5, 9, 11))])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("graphs", [False, True])
+def test_gpu_matches_cpu_and_reference(make, shape, fused, graphs):
+    net = make()
+    x = rand(*shape)
+    prepared(net, x)
+    if fused:
+        dnn.fuse(net)
+    cpu = net.forward(x)
+    ref = R.forward(net, x)
+    net.to("cuda", graphs=graphs)
+    for _ in range(3):                       # first run builds, then capture/replay
+        out = net.forward(x)
+        R.assert_close(out, ref)
+        R.assert_close(out, cpu.astype(np.float64))
+    np.testing.assert_array_equal(net(x), net.to("cpu")(x))
+
+
+@gpu
+def test_gpu_cifar_resnet_batches():
+    net = cifar_resnet()
+    for n in (1, 8):
+        x = rand(n, 3, 32, 32)
+        prepared(net.to("cpu"), x)
+        ref = R.forward(net, x)
+        net.to("cuda")
+        R.assert_close(net.forward(x), ref)
+        dnn.fuse(net)
+        net.to("cuda")
+        R.assert_close(net.forward(x), ref)
+
+
+@gpu
+def test_host_parameter_writes_reach_the_device_after_to_cuda():
+    net = dnn.con(4, 3, 3, 1, 1, dnn.input_tensor())
+    x = rand(2, 3, 8, 8)
+    net.forward(x)
+    net.to("cuda")
+    a = net.forward(x)
+    net.layer_details().biases[:] += 1.0
+    net.to("cuda")                            # the documented rule: re-sync after host writes
+    b = net.forward(x)
+    np.testing.assert_allclose(b, a + 1.0, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+def test_forward_device_chains_without_host_round_trip():
+    import pycuda.gpuarray as gpuarray
+    first = dnn.relu(dnn.con(4, 3, 3, 1, 1, dnn.input_tensor()))
+    second = dnn.fc(3, dnn.con(2, 3, 3, 1, 1, dnn.input_tensor()))
+    x = rand(2, 3, 8, 8)
+    first.forward(x), second.forward(first.forward(x))
+    expect = second.forward(first.forward(x))
+    first.to("cuda"), second.to("cuda")
+    mid = first.forward_device(x)
+    assert isinstance(mid, gpuarray.GPUArray)
+    R.assert_close(second.forward(mid), expect.astype(np.float64))
+
+
+@gpu
+def test_out_of_memory_names_the_layer_and_net_stays_usable():
+    net = dnn.con(64, 3, 3, 1, 1, dnn.relu(dnn.input_tensor()))
+    small = rand(1, 3, 8, 8)
+    net.forward(small)
+    net.to("cuda")
+    ok = net.forward(small)
+    huge = np.empty((4096, 3, 1024, 1024), np.float32)   # 48 GiB in, 1 TiB out: cannot fit
+    with pytest.raises(MemoryError, match=r"layer<\d> (relu|con|input_tensor)"):
+        net.forward(huge)
+    np.testing.assert_array_equal(net.forward(small), ok)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pycuda") is not None, reason="PyCUDA is installed here")
+def test_to_cuda_without_pycuda_is_a_clear_error():
+    net = dnn.relu(dnn.input_tensor())
+    with pytest.raises(RuntimeError, match=r"PyCUDA.*pip install"):
+        net.to("cuda")
+    assert net.device == "cpu"
+    assert net.forward(rand(1, 1, 2, 2)).shape == (1, 1, 2, 2)
