@@ -35,7 +35,10 @@ from .layers import (add_prev1, add_prev2, add_prev3, add_prev4, add_prev5, add_
                      skip3, skip4, skip5, skip6, skip7, skip8, skip9, skip10, skip_, softmax,
                      softmax_, tag1, tag2, tag3, tag4, tag5, tag6, tag7, tag8, tag9, tag10, tag_)
 from .fuse import fuse
-from .loss import loss_multiclass_log, loss_multiclass_log_
+from .info import backend_info
+from .loss import (loss_mean_squared, loss_mean_squared_, loss_multiclass_log,
+                   loss_multiclass_log_)
 from .serialize import SerializationError, deserialize, serialize
+from .train import adam, dnn_trainer, sgd
 
 __version__ = "0.1.0"

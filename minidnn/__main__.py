@@ -61,12 +61,83 @@ def cmd_demo(args):
     return 0
 
 
+def _fail(cmd, path, e):
+    """One line on stderr and exit status 1 (a bad file, an unreadable path, an unfusable net)."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"minidnn {cmd}: error: {path}: {msg}", file=sys.stderr)
+    return 1
+
+
+def _param_summary(layer):
+    parts = []
+    for p in layer.params:
+        a = getattr(layer, p, None)
+        if a is not None:
+            parts.append(f"{p} {'x'.join(str(d) for d in a.shape)}")
+    if getattr(layer, "running_mean", None) is not None:
+        parts.append(f"running stats {layer.running_mean.shape[0]}")
+    if getattr(layer, "k", None) is not None:
+        parts.append(f"k={layer.k}")
+    return ", ".join(parts)
+
+
+def cmd_info(args):
+    import minidnn as dnn
+    from minidnn.serialize import SerializationError, load_with_info
+    try:
+        net, version, tags = load_with_info(args.file)
+    except (SerializationError, OSError) as e:
+        return _fail("info", args.file, e)
+    nodes = net.chain()
+    disabled = sum(n.layer_details().disabled for n in nodes)
+    print(f"{args.file}: minidnn file format version {version}, {len(nodes)} layers, "
+          f"{dnn.count_parameters(net)} parameters, {disabled} disabled")
+    lines = str(net).splitlines()
+    width = max(len(line) for line in lines)
+    for line, node, tag in zip(lines, nodes, tags):
+        layer = node.layer_details()
+        n = layer.num_parameters()
+        text = f"{line.ljust(width)}  [{tag}]"
+        if n:
+            text += f"  {n} params"
+        summary = _param_summary(layer)
+        if summary:
+            text += f": {summary}"
+        print(text.rstrip())
+    return 0
+
+
+def cmd_fuse(args):
+    import minidnn as dnn
+    try:
+        net = dnn.deserialize(args.input)
+        before = sum(n.layer_details().disabled for n in net.chain())
+        dnn.fuse(net)
+        after = sum(n.layer_details().disabled for n in net.chain())
+    except (dnn.SerializationError, OSError, ValueError) as e:
+        return _fail("fuse", args.input, e)
+    try:
+        dnn.serialize(net, args.output)
+    except (dnn.SerializationError, OSError) as e:
+        return _fail("fuse", args.output, e)
+    print(f"fused {args.input} -> {args.output}: {after - before} layers folded into the layer "
+          f"below ({after} of {len(net)} layers disabled)")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m minidnn", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="build a small CNN with batch-norm, run it, fuse it")
     d.add_argument("--batch", type=int, default=16)
     d.set_defaults(fn=cmd_demo)
+    i = sub.add_parser("info", help="print a saved network: layers, parameters, format and record versions")
+    i.add_argument("file")
+    i.set_defaults(fn=cmd_info)
+    f = sub.add_parser("fuse", help="load a saved network, fuse it (dnn.fuse), save the result")
+    f.add_argument("input")
+    f.add_argument("output")
+    f.set_defaults(fn=cmd_fuse)
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -53,6 +53,13 @@ def _out_size(layer, what, n, k, stride, pad):
     return 1 + (n + 2 * pad - k) // stride
 
 
+def _relu_backward(y, dy):
+    """dx = dy where relu's output y > 0, else 0 (a new array)."""
+    dx = np.empty(dy.shape, np.float32)
+    ops.relu_grad(y, dy, dx)
+    return dx
+
+
 # ----------------------------------------------------------------------------
 class con_(Layer):
     """WHAT THIS OBJECT REPRESENTS: a 2-D convolution layer (cross-correlation).
@@ -112,6 +119,30 @@ class con_(Layer):
                   self.stride_y, self.stride_x, self.padding_y, self.padding_x, self.fused_relu)
         return y
 
+    # -- training (minidnn/train.py; ctx: train._Ctx) ---------------------
+    def forward_train(self, ctx, x):
+        """Training forward: the inference convolution into a new array (N, F, Ro, Co)."""
+        n, _, r, c = x.shape
+        ro = _out_size(self, "convolution", r, self.nr, self.stride_y, self.padding_y)
+        co = _out_size(self, "convolution", c, self.nc, self.stride_x, self.padding_x)
+        y = np.empty((n, self.num_filters, ro, co), np.float32)
+        ops.conv2d(x, self.filters, self.biases, y, self.stride_y, self.stride_x,
+                   self.padding_y, self.padding_x, self.fused_relu)
+        return y
+
+    def backward(self, ctx, dy):
+        """dy (N, F, Ro, Co) -> ctx.grads filters/biases, and dx (N, K, R, C) if ctx.need_dx."""
+        if self.fused_relu:
+            dy = _relu_backward(ctx.y, dy)
+        geo = (self.stride_y, self.stride_x, self.padding_y, self.padding_x)
+        ops.conv2d_grad_params(ctx.x, dy, ctx.grad("filters"), ctx.grad("biases"), *geo)
+        if not ctx.need_dx:
+            return None
+        dx = np.empty(ctx.x.shape, np.float32)
+        ops.conv2d_grad_data(dy, self.filters, dx, *geo)
+        return dx
+
+
 
 class fc_(Layer):
     """WHAT THIS OBJECT REPRESENTS: a fully connected layer.
@@ -156,6 +187,28 @@ class fc_(Layer):
                   y.reshape(n, self.num_outputs), self.fused_relu)
         return y
 
+    # -- training ---------------------------------------------------------
+    def forward_train(self, ctx, x):
+        """Training forward: the inference product into a new array (N, O, 1, 1)."""
+        n = x.shape[0]
+        y = np.empty((n, self.num_outputs, 1, 1), np.float32)
+        ops.fc(x.reshape(n, -1), self.weights, self.biases, y.reshape(n, -1), self.fused_relu)
+        return y
+
+    def backward(self, ctx, dy):
+        """dy (N, O, 1, 1) -> ctx.grads weights/biases, and dx shaped like x if ctx.need_dx."""
+        if self.fused_relu:
+            dy = _relu_backward(ctx.y, dy)
+        n = dy.shape[0]
+        dy2 = dy.reshape(n, -1)
+        ops.fc_grad_params(ctx.x.reshape(n, -1), dy2, ctx.grad("weights"), ctx.grad("biases"))
+        if not ctx.need_dx:
+            return None
+        dx = np.empty(ctx.x.shape, np.float32)
+        ops.fc_grad_data(dy2, self.weights, dx.reshape(n, -1))
+        return dx
+
+
 
 class relu_(Layer):
     """WHAT THIS OBJECT REPRESENTS: y = max(x, 0), elementwise; shape unchanged.
@@ -169,6 +222,17 @@ class relu_(Layer):
         y = plan.empty(x.shape)
         plan.step(ops.relu, x, y)
         return y
+
+    # -- training ---------------------------------------------------------
+    def forward_train(self, ctx, x):
+        y = np.empty(x.shape, np.float32)
+        ops.relu(x, y)
+        return y
+
+    def backward(self, ctx, dy):
+        """dx = dy where the output is positive, else 0."""
+        return _relu_backward(ctx.y, dy) if ctx.need_dx else None
+
 
 
 def _mode_below(subnet):
@@ -251,6 +315,40 @@ class bn_(Layer):
         plan.step(ops.affine, xv, ss[0], ss[1], yv, False)
         return y
 
+    # -- training ---------------------------------------------------------
+    # Running statistics follow dlib's bn_: after u updates (capped at the window),
+    # running = (1 - a) * running + a * batch with a = 1 / (u + 1), so they are the
+    # plain average of the first batches, then an exponential average over about
+    # `running_stats_window_size` batches; the running variance is the unbiased one.
+    running_stats_window_size = 100
+
+    def forward_train(self, ctx, x):
+        """Training forward: normalise with this batch's mean and variance (per channel
+        or per unit) and, when ctx.update_stats, move the running statistics."""
+        y = np.empty(x.shape, np.float32)
+        xv, yv = _affine_views(self.mode, x, y)
+        k = self.gamma.shape[0]
+        mean, invstd = np.empty(k, np.float32), np.empty(k, np.float32)
+        avg = 0.0
+        if ctx.update_stats:
+            u = getattr(self, "num_updates", 0)
+            avg = 1.0 / (u + 1)
+            self.num_updates = min(u + 1, int(self.running_stats_window_size))
+        ops.bn_forward_train(xv, self.gamma, self.beta, yv, mean, invstd, self.running_mean,
+                             self.running_var, avg, self.eps)
+        ctx.saved = (mean, invstd)
+        return y
+
+    def backward(self, ctx, dy):
+        """Through the batch statistics: ctx.grads gamma/beta, and dx."""
+        mean, invstd = ctx.saved
+        dx = np.empty(dy.shape, np.float32)
+        xv, dxv = _affine_views(self.mode, ctx.x, dx)
+        dyv = _affine_views(self.mode, dy, dy)[0]
+        ops.bn_grad(xv, self.gamma, mean, invstd, dyv, dxv, ctx.grad("gamma"), ctx.grad("beta"))
+        return dx if ctx.need_dx else None
+
+
 
 class affine_(Layer):
     """WHAT THIS OBJECT REPRESENTS: y = gamma * x + beta per channel (mode "conv",
@@ -289,6 +387,8 @@ class affine_(Layer):
         super().disable()
 
     def setup(self, in_shape):
+        if self.disabled:              # folded elsewhere: stays parameter-free
+            return
         k = _per_unit(self.mode, in_shape)
         if self.gamma is None:
             self.gamma = np.ones(k, np.float32)
@@ -302,6 +402,23 @@ class affine_(Layer):
         xv, yv = _affine_views(self.mode, x, y)
         plan.step(ops.affine, xv, plan.param(self.gamma), plan.param(self.beta), yv, False)
         return y
+
+    # -- training ---------------------------------------------------------
+    def forward_train(self, ctx, x):
+        y = np.empty(x.shape, np.float32)
+        xv, yv = _affine_views(self.mode, x, y)
+        ops.affine(xv, self.gamma, self.beta, yv, False)
+        return y
+
+    def backward(self, ctx, dy):
+        """ctx.grads gamma/beta (sums of dy * x and dy per unit), and dx = dy * gamma."""
+        dx = np.empty(dy.shape, np.float32) if ctx.need_dx else None
+        xv = _affine_views(self.mode, ctx.x, ctx.x)[0]
+        dyv = _affine_views(self.mode, dy, dy)[0]
+        dxv = None if dx is None else _affine_views(self.mode, dx, dx)[0]
+        ops.affine_grad(xv, self.gamma, dyv, dxv, ctx.grad("gamma"), ctx.grad("beta"))
+        return dx
+
 
 
 class _pool(Layer):
@@ -335,6 +452,35 @@ class _pool(Layer):
         plan.step(self._op, x, y, nr, nc, self.stride_y, self.stride_x, py, px)
         return y
 
+    # -- training ---------------------------------------------------------
+    def _window(self, shape):
+        r, c = shape[2], shape[3]
+        nr, nc = (self.nr, self.nc) if self.nr else (r, c)
+        py, px = (self.padding_y, self.padding_x) if self.nr else (0, 0)
+        return nr, nc, self.stride_y, self.stride_x, py, px
+
+    def forward_train(self, ctx, x):
+        n, k, r, c = x.shape
+        nr, nc, sy, sx, py, px = self._window(x.shape)
+        ro = _out_size(self, "pooling", r, nr, sy, py)
+        co = _out_size(self, "pooling", c, nc, sx, px)
+        y = np.empty((n, k, ro, co), np.float32)
+        self._op(x, y, nr, nc, sy, sx, py, px)
+        return y
+
+    def backward(self, ctx, dy):
+        """dx: max pooling routes dy to each window's (first) largest input, average
+        pooling shares it equally among the window's in-bounds inputs."""
+        if not ctx.need_dx:
+            return None
+        dx = np.empty(ctx.x.shape, np.float32)
+        if isinstance(self, max_pool_):
+            ops.max_pool_grad(ctx.x, dy, dx, *self._window(ctx.x.shape))
+        else:
+            ops.avg_pool_grad(dy, dx, *self._window(ctx.x.shape))
+        return dx
+
+
 
 class max_pool_(_pool):
     """WHAT THIS OBJECT REPRESENTS: max pooling over nr x nc windows; padding is
@@ -362,6 +508,21 @@ class softmax_(Layer):
         plan.step(ops.softmax, x, y)
         return y
 
+    # -- training ---------------------------------------------------------
+    def forward_train(self, ctx, x):
+        y = np.empty(x.shape, np.float32)
+        ops.softmax(x, y)
+        return y
+
+    def backward(self, ctx, dy):
+        """dx = y * (dy - sum_k dy * y) at each (n, r, c)."""
+        if not ctx.need_dx:
+            return None
+        dx = np.empty(dy.shape, np.float32)
+        ops.softmax_grad(ctx.y, dy, dx)
+        return dx
+
+
 
 class tag_(Layer):
     """WHAT THIS OBJECT REPRESENTS: an identity marker (tagN) that skipN and
@@ -384,6 +545,16 @@ class tag_(Layer):
         plan.tags[self.id] = x
         return x
 
+    # -- training ---------------------------------------------------------
+    def forward_train(self, ctx, x):
+        ctx.tape.tags[self.id] = ctx
+        return x
+
+    def backward(self, ctx, dy):
+        """dy plus what the skipN / add_prevN above sent to this tag."""
+        return ctx.take_extra(dy)
+
+
 
 class skip_(Layer):
     """WHAT THIS OBJECT REPRESENTS: output = the output of the nearest tagN below
@@ -405,6 +576,19 @@ class skip_(Layer):
         if t is None:
             raise ShapeError(f"there is no tag{self.id} below this layer")
         return t
+
+    # -- training ---------------------------------------------------------
+    def forward_train(self, ctx, x):
+        ctx.ref = ctx.tape.tags.get(self.id)
+        if ctx.ref is None:
+            raise ShapeError(f"there is no tag{self.id} below this layer")
+        return ctx.ref.y
+
+    def backward(self, ctx, dy):
+        """All of dy goes to the tag; the input below gets no gradient (None)."""
+        ctx.ref.add_extra(dy)
+        return None
+
 
 
 class add_prev_(Layer):
@@ -432,6 +616,25 @@ class add_prev_(Layer):
         y = plan.empty(x.shape)
         plan.step(ops.add, x, t, y, False)
         return y
+
+    # -- training ---------------------------------------------------------
+    def forward_train(self, ctx, x):
+        ctx.ref = ctx.tape.tags.get(self.id)
+        if ctx.ref is None:
+            raise ShapeError(f"there is no tag{self.id} below this layer")
+        t = ctx.ref.y
+        if tuple(t.shape) != tuple(x.shape):
+            raise ShapeError(f"expected the input and tag{self.id}'s output to have the same shape, "
+                             f"got {tuple(x.shape)} and {tuple(t.shape)}")
+        y = np.empty(x.shape, np.float32)
+        ops.add(x, t, y, False)
+        return y
+
+    def backward(self, ctx, dy):
+        """dy goes both to the input below and to the tag."""
+        ctx.ref.add_extra(dy)
+        return dy
+
 
 
 # ---------------------------------------------------------------------------- factories

@@ -30,7 +30,7 @@ import numpy as np
 from .core import Node, input_tensor_
 from .layers import (CONV, FC, add_prev_, affine_, avg_pool_, bn_, con_, fc_, max_pool_, relu_,
                      skip_, softmax_, tag_)
-from .loss import loss_multiclass_log_
+from .loss import loss_mean_squared_, loss_multiclass_log_
 
 MAGIC = b"MINIDNN\x00"
 FORMAT_VERSION = 1
@@ -292,6 +292,8 @@ def _read_affine_2(r):
 
 
 def _check_affine(l):
+    if l.disabled:
+        return                      # its parameters are not written
     _all_or_none(("gamma", "beta"), (l.gamma, l.beta))
     if l.gamma is not None:
         _check_shape("beta", l.beta, l.gamma.shape)
@@ -368,6 +370,8 @@ register("skip_1", skip_, _write_id, _id_reader(skip_))
 register("add_prev_1", add_prev_, _write_id, _id_reader(add_prev_))
 register("loss_multiclass_log_1", loss_multiclass_log_, _write_flag_only,
          _flag_only_reader(loss_multiclass_log_))
+register("loss_mean_squared_1", loss_mean_squared_, _write_flag_only,
+         _flag_only_reader(loss_mean_squared_))
 
 
 def _writer_tag(cls):
@@ -417,7 +421,7 @@ def _encode(net, out):
             raise SerializationError(f"layer<{i}> {_kind(l)}: no file record is registered for "
                                      f"{type(l).__name__} (see minidnn.serialize.register)")
         tags.append(tag)
-    _check_structure(layers, lambda i: f"layer<{i}> record {tags[i] if 0 <= i < len(tags) else '?'}")
+    _check_structure(layers, lambda i: f"layer<{i}> record {tags[i]!r}")
     crc = 0
 
     def put(b):
@@ -435,7 +439,7 @@ def _encode(net, out):
             rec.write(w, l)
             payload = w.getvalue()
         except SerializationError as e:
-            raise SerializationError(f"layer<{i}> record {tag}: {e}") from None
+            raise SerializationError(f"layer<{i}> record {tag!r}: {e}") from None
         t = tag.encode("ascii")
         put(struct.pack("<B", len(t)) + t + struct.pack("<Q", len(payload)))
         put(payload)
@@ -595,3 +599,11 @@ def deserialize(src):
 def load_with_info(src):
     """Like deserialize, but returns (net, format_version, record tags top first)."""
     return _decode(_read_all(src))
+
+
+# loss_mean_squared (minidnn/loss.py, added with training): a flag-only record like
+# loss_multiclass_log's.
+from .loss import loss_mean_squared_  # noqa: E402
+
+register("loss_mean_squared_1", loss_mean_squared_, _write_flag_only,
+         _flag_only_reader(loss_mean_squared_))

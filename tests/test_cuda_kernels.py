@@ -370,6 +370,11 @@ def test_contract_names(cu):
     g = cu.asarray(x)
     assert g.dtype == np.float32 and g.shape == (2, 3)
     assert np.array_equal(cu.to_numpy(g), x.astype(np.float32))
+    h = cu.empty((2, 3))
+    cu.copy(h, g)
+    assert np.array_equal(cu.to_numpy(h), x.astype(np.float32))
+    cu.upload(h, x[::-1])
+    assert np.array_equal(cu.to_numpy(h), x[::-1].astype(np.float32))
 
 
 def test_import_without_pycuda_says_how_to_install():

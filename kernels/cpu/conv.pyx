@@ -99,16 +99,17 @@ cdef inline int _cdiv(int a, int b) noexcept nogil:
 
 cdef void _im2col(const float* xn, float* col, int K, int R, int C,
                   int nr, int nc, int sy, int sx, int py, int px,
-                  int Co, int p0, int pw) noexcept nogil:
-    """col (K*nr*nc, pw): column t holds the receptive field of output pixel
-    p0+t (row-major over (oy, ox)) of sample xn (K, R, C); zero padding."""
+                  int Co, int p0, int pw, isize ld) noexcept nogil:
+    """col (K*nr*nc rows, row stride ld): column t < pw holds the receptive
+    field of output pixel p0+t (row-major over (oy, ox)) of sample xn
+    (K, R, C); zero padding."""
     cdef int k, i, j, p, oy, ox, iy, seg, t, lo, hi, a, e, ixs
     cdef float* dst
     cdef const float* src
     for k in range(K):
         for i in range(nr):
             for j in range(nc):
-                dst = col + ((k * nr + i) * nc + j) * <isize>pw
+                dst = col + ((k * nr + i) * nc + j) * ld
                 # valid ox range for this j: 0 <= ox*sx - px + j < C
                 lo = _cdiv(px - j, sx) if px - j > 0 else 0
                 hi = (C - 1 + px - j) // sx + 1 if C - 1 + px - j >= 0 else 0
@@ -157,47 +158,148 @@ cdef struct ConvArgs:
     isize ws_per_thread
     int N, K, R, C, F, nr, nc, sy, sx, py, px, Ro, Co
     int P, KRS
+    int G, n_g         # samples per GEMM, sample groups (G > 1 only when pw == P)
     int pw, n_pc       # pixel chunk width, chunks per sample
-    int fw, n_fb       # filter block height, blocks per sample
+    int fw, n_fb       # filter block height, blocks
     bint direct        # 1x1, stride 1, pad 0: x[n] is already the column matrix
     bint relu
 
 
 cdef void _conv_task(const ConvArgs* a, isize task, int tid) noexcept nogil:
-    cdef int per_n = a.n_pc * a.n_fb
-    cdef int n = <int>(task // per_n)
-    cdef int r = <int>(task - <isize>n * per_n)
+    """One task = (sample group, pixel chunk, filter block): im2col of the
+    chunk into this thread's workspace, one single-threaded sgemm, then the
+    bias/relu epilogue on the block while it is still in cache."""
+    cdef int per_g = a.n_pc * a.n_fb
+    cdef int g = <int>(task // per_g)
+    cdef int r = <int>(task - <isize>g * per_g)
     cdef int pc = r // a.n_fb
     cdef int fb = r - pc * a.n_fb
-    cdef int p0 = pc * a.pw
-    cdef int pwid = a.pw if p0 + a.pw <= a.P else a.P - p0
     cdef int f0 = fb * a.fw
     cdef int fwid = a.fw if f0 + a.fw <= a.F else a.F - f0
-    cdef const float* xn = a.x + <isize>n * a.K * a.R * a.C
-    cdef float* yn = a.y + <isize>n * a.F * a.P
+    cdef int n0 = g * a.G
+    cdef int gn = a.G if n0 + a.G <= a.N else a.N - n0
+    cdef isize xs = <isize>a.K * a.R * a.C, ys = <isize>a.F * a.P
+    cdef const float* xn = a.x + n0 * xs
+    cdef float* yn = a.y + n0 * ys
+    cdef float* col = a.ws + tid * a.ws_per_thread
+    cdef float* out
     cdef float* A
-    cdef int lda, ldb = a.KRS, ldc = a.P, kk = a.KRS
-    cdef float one = 1.0, zero = 0.0
-    if a.direct:
-        A = <float*>xn + p0
-        lda = a.P
+    cdef int p0, pwid, lda, ldb = a.KRS, ldc = a.P, kk = a.KRS, m, s, f, p
+    cdef float one = 1.0, zero = 0.0, bv
+    cdef const float* src
+    cdef float* dst
+    if gn == 1:
+        p0 = pc * a.pw
+        pwid = a.pw if p0 + a.pw <= a.P else a.P - p0
+        if a.direct:
+            A = <float*>xn + p0
+            lda = a.P
+        else:
+            A = col
+            lda = pwid
+            _im2col(xn, A, a.K, a.R, a.C, a.nr, a.nc, a.sy, a.sx, a.py, a.px,
+                    a.Co, p0, pwid, pwid)
+        # column-major view: y_n^T (P x F) = col^T (P x KRS) * w^T (KRS x F)
+        sgemm(b"N", b"N", &pwid, &fwid, &kk, &one, A, &lda,
+              <float*>a.w + <isize>f0 * a.KRS, &ldb, &zero, yn + <isize>f0 * a.P + p0, &ldc)
+        _epilogue(yn + <isize>f0 * a.P + p0, a.P, fwid, pwid,
+                  a.b + f0 if a.b != NULL else NULL, a.relu)
+        return
+    # Few pixels per sample: one GEMM over gn samples side by side
+    # (m = gn*P columns), so sgemm gets a wide panel and packs w once per
+    # group instead of once per sample; the result goes through a buffer and
+    # is scattered into y (N, F, P) by the epilogue.
+    m = gn * a.P
+    for s in range(gn):
+        if a.direct:
+            for f in range(a.K):
+                src = xn + s * xs + <isize>f * a.P
+                dst = col + <isize>f * m + s * a.P
+                for p in range(a.P):
+                    dst[p] = src[p]
+        else:
+            _im2col(xn + s * xs, col + s * a.P, a.K, a.R, a.C, a.nr, a.nc, a.sy, a.sx,
+                    a.py, a.px, a.Co, 0, a.P, m)
+    out = col + <isize>a.KRS * m
+    sgemm(b"N", b"N", &m, &fwid, &kk, &one, col, &m,
+          <float*>a.w + <isize>f0 * a.KRS, &ldb, &zero, out, &m)
+    for s in range(gn):
+        for f in range(fwid):
+            src = out + <isize>f * m + s * a.P
+            dst = yn + s * ys + <isize>(f0 + f) * a.P
+            bv = a.b[f0 + f] if a.b != NULL else 0.0
+            if a.relu:
+                for p in range(a.P):
+                    dst[p] = max(src[p] + bv, <float>0.0)
+            else:
+                for p in range(a.P):
+                    dst[p] = src[p] + bv
+
+
+# Tuning knobs, measured on the reference machine (2-core EPYC, OpenBLAS
+# Haswell kernels): one chunk of im2col columns (KRS x pw floats) should sit
+# in L2 while sgemm packs it, but sgemm re-packs the weights on every call, so
+# a GEMM should also have at least GEMM_MIN_M columns (pixels).
+cdef isize PW_BYTES = 512 * 1024
+cdef int GEMM_MIN_M = 192
+
+
+cdef inline isize _ceil(isize a, isize b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef void _plan(ConvArgs* a, int nt) noexcept nogil:
+    """Cut the work into tasks (sample groups x pixel chunks x filter
+    blocks): enough tasks to keep nt threads busy and balanced, each task a
+    GEMM large enough to run near sgemm's peak."""
+    cdef isize pw, n_pc, G, n_g, n_fb = 1, tasks
+    cdef int q
+    G = 1
+    if a.P < GEMM_MIN_M and a.N > 1:
+        G = _ceil(GEMM_MIN_M, a.P)
+        if G > _ceil(a.N, nt):
+            G = _ceil(a.N, nt)         # keep at least nt groups
+        if G < 1:
+            G = 1
+    n_g = _ceil(a.N, G)
+    if G > 1 or a.direct:
+        n_pc = 1
     else:
-        A = a.ws + tid * a.ws_per_thread
-        lda = pwid
-        _im2col(xn, A, a.K, a.R, a.C, a.nr, a.nc, a.sy, a.sx, a.py, a.px,
-                a.Co, p0, pwid)
-    # column-major view: y_n^T (P x F) = col^T (P x KRS) * w^T (KRS x F)
-    sgemm(b"N", b"N", &pwid, &fwid, &kk, &one, A, &lda,
-          <float*>a.w + <isize>f0 * a.KRS, &ldb, &zero, yn + <isize>f0 * a.P + p0, &ldc)
-    _epilogue(yn + <isize>f0 * a.P + p0, a.P, fwid, pwid,
-              a.b + f0 if a.b != NULL else NULL, a.relu)
-
-
-# Pixel-chunk width: one chunk of im2col columns (KRS x pw floats) should sit
-# in L2 while sgemm packs it; but sgemm re-packs the weights on every call, so
-# chunks must not be too narrow either. Tuned on the reference machine.
-cdef int PW_BYTES = 512 * 1024
-cdef int PW_MIN = 128
+        pw = PW_BYTES // (4 * (a.KRS if a.KRS > 0 else 1))
+        if pw < GEMM_MIN_M:
+            pw = GEMM_MIN_M
+        n_pc = _ceil(a.P, pw)
+    tasks = n_g * n_pc
+    if nt > 1 and tasks < 8 * nt and tasks % nt != 0:
+        # few tasks that do not divide evenly among threads: cut each sample
+        # (group) into more pieces, by pixels if there are enough, else filters
+        q = nt
+        while (n_g * q) % nt != 0:
+            q += 1
+        if G == 1 and a.P >= 64 * q:
+            n_pc = _ceil(n_pc, q) * q
+        elif a.F >= 16 * q:
+            n_fb = q
+    a.G = <int>G
+    a.n_g = <int>n_g
+    a.n_pc = <int>n_pc
+    pw = _ceil(a.P, n_pc)
+    if n_pc > 1:
+        pw = _ceil(pw, 16) * 16
+    a.pw = <int>pw
+    a.n_pc = <int>_ceil(a.P, pw)
+    if n_fb > 1:
+        a.fw = <int>(_ceil(_ceil(a.F, n_fb), 8) * 8)
+    else:
+        a.fw = a.F
+    a.n_fb = <int>_ceil(a.F, a.fw)
+    if G > 1:
+        a.ws_per_thread = <isize>(a.KRS + a.fw) * G * a.P
+    elif a.direct:
+        a.ws_per_thread = 0
+    else:
+        a.ws_per_thread = <isize>a.KRS * a.pw
+    a.ws_per_thread = (a.ws_per_thread + 15) // 16 * 16
 
 
 def conv2d(x, w, b, y, int stride_y, int stride_x, int pad_y, int pad_x, bint relu):
@@ -229,9 +331,10 @@ def conv2d(x, w, b, y, int stride_y, int stride_x, int pad_y, int pad_x, bint re
             raise ValueError(f"conv2d: b has {cnp.PyArray_SIZE(ab)} elements, expected {F}")
     _no_alias(ay, ax, "conv2d")
     _no_alias(ay, aw, "conv2d")
-    for v, what in ((K * nr * nc, "K*nr*nc"), (Ro * Co, "Ro*Co"), (K * R * C, "K*R*C"),
-                    (F * Ro * Co, "F*Ro*Co"), (N, "N"), (F, "F")):
-        _check_int(v, "conv2d " + what)
+    _check_int(K * nr * nc * max(Ro * Co, F), "conv2d K*nr*nc*max(Ro*Co, F)")
+    _check_int(N * Ro * Co, "conv2d N*Ro*Co")
+    _check_int(K * R * C, "conv2d K*R*C")
+    _check_int(F * Ro * Co, "conv2d F*Ro*Co")
     if N == 0 or F == 0 or Ro * Co == 0:
         return
 
@@ -244,38 +347,13 @@ def conv2d(x, w, b, y, int stride_y, int stride_x, int pad_y, int pad_x, bint re
     a.direct = nr == 1 and nc == 1 and stride_y == 1 and stride_x == 1 and pad_y == 0 and pad_x == 0
 
     cdef int nt = _threads()
-    # pixel chunks
-    cdef isize pw = PW_BYTES // (4 * (a.KRS if a.KRS > 0 else 1))
-    if pw < PW_MIN:
-        pw = PW_MIN
-    if a.direct or pw > a.P:
-        pw = a.P
-    # enough tasks to keep every thread busy: split the pixels further, then
-    # (for few pixels and many filters) the filters.
-    cdef isize n_pc = (a.P + pw - 1) // pw
-    cdef isize n_fb = 1
-    cdef isize want = nt if nt > 1 else 1
-    if N * n_pc < want or (N * n_pc % want != 0 and N * n_pc < 4 * want):
-        # a too-small / unbalanced task count: cut the work per sample into ~want pieces
-        if a.P >= 32 * want:
-            n_pc = want
-            pw = (a.P + n_pc - 1) // n_pc
-            pw = (pw + 15) // 16 * 16
-            n_pc = (a.P + pw - 1) // pw
-        elif a.F >= 16 * want:
-            n_fb = want
-    a.pw = <int>pw; a.n_pc = <int>n_pc
-    a.fw = <int>((a.F + n_fb - 1) // n_fb)
-    a.fw = (a.fw + 7) // 8 * 8 if n_fb > 1 else a.fw
-    a.n_fb = <int>((a.F + a.fw - 1) // a.fw)
-
-    cdef isize ntasks = N * a.n_pc * a.n_fb
+    # tiny problems: a parallel region costs more than it saves
+    if <double>N * a.F * a.P * (a.KRS if a.KRS > 0 else 1) < 100000.0:
+        nt = 1
+    _plan(&a, nt)
+    cdef isize ntasks = <isize>a.n_g * a.n_pc * a.n_fb
     if ntasks < nt:
         nt = <int>ntasks
-    # tiny problems: a parallel region costs more than it saves
-    if <double>N * a.F * a.P * (a.KRS if a.KRS > 0 else 1) < 200000.0:
-        nt = 1
-    a.ws_per_thread = 0 if a.direct else (<isize>a.KRS * a.pw + 15) // 16 * 16
     cdef bint private = False
     cdef float* ws = _workspace_acquire(<size_t>(a.ws_per_thread * nt), &private)
     a.ws = ws
@@ -290,6 +368,22 @@ def conv2d(x, w, b, y, int stride_y, int stride_x, int pad_y, int pad_x, bint re
                     _conv_task(&a, t, threadid())
     finally:
         _workspace_release(ws, private)
+
+
+def _conv_plan(x_shape, w_shape, int stride_y, int stride_x, int pad_y, int pad_x, int nt):
+    """The task plan conv2d would use (for tests and tuning): a dict."""
+    cdef ConvArgs a
+    N, K, R, C = x_shape
+    F, _, nr, nc = w_shape
+    a.N, a.K, a.R, a.C, a.F, a.nr, a.nc = N, K, R, C, F, nr, nc
+    a.Ro = 1 + (R + 2 * pad_y - nr) // stride_y
+    a.Co = 1 + (C + 2 * pad_x - nc) // stride_x
+    a.P = a.Ro * a.Co
+    a.KRS = K * nr * nc
+    a.direct = nr == 1 and nc == 1 and stride_y == 1 and stride_x == 1 and pad_y == 0 and pad_x == 0
+    _plan(&a, nt)
+    return dict(G=a.G, n_g=a.n_g, pw=a.pw, n_pc=a.n_pc, fw=a.fw, n_fb=a.n_fb,
+                ws_per_thread=a.ws_per_thread, tasks=a.n_g * a.n_pc * a.n_fb)
 
 
 cdef void _fc_task(const float* x, const float* w, const float* b, float* y,

@@ -27,14 +27,14 @@ WHAT THIS MODULE REPRESENTS
     CUDA graph and returns a ``Graph`` whose ``launch()`` replays it.
 
 Extra names besides the contract: stream, context, device, Graph, capture,
-synchronize, upload, CudaMemoryError, load_kernels.
+synchronize, upload, copy, CudaMemoryError, load_kernels.
 """
 from __future__ import annotations
 
 import ctypes
 import gc
 import importlib.resources
-import math
+import os
 import shutil
 from pathlib import Path
 
@@ -159,6 +159,14 @@ def upload(dst, src):
     drv.memcpy_htod_async(dst.gpudata, src, stream)
 
 
+def copy(dst, src):
+    """Copy GPUArray `src` into GPUArray `dst` (same size and dtype), ordered on `stream`."""
+    if src.size != dst.size or src.dtype != dst.dtype:
+        raise ValueError(f"copy: {src.shape} {src.dtype} does not fit into {dst.shape} {dst.dtype}")
+    if src.size:
+        drv.memcpy_dtod_async(dst.gpudata, src.gpudata, src.nbytes, stream)
+
+
 def to_numpy(arr):
     """A NumPy copy of GPUArray `arr`, after all work queued on `stream`."""
     stream.synchronize()
@@ -258,55 +266,118 @@ def _blocks(n, per=256):
 # ---------------------------------------------------------------------------
 # conv2d
 
-_CONV_CFGS = {  # name: (BM, BN, BK, relative efficiency)
-    "conv_128x128": (128, 128, 8, 1.0),
-    "conv_64x64": (64, 64, 16, 0.7),
+_CONV_CFGS = {  # name: (BM, BN, BK)
+    "conv_128x128": (128, 128, 8),
+    "conv_64x64": (64, 64, 16),
 }
+_FC_CFGS = {"fc_tile": (64, 64, 16)}
 _plans: dict = {}
 
-# rates used only to rank launch configurations (H100-ish; order of magnitude)
-_SM_MAC_RATE = 0.25e12 / 2   # fp32 MAC/s one SM sustains in these kernels
+# A crude model, used to rank launch configurations before timing the best few
+# (and alone when autotuning is off). Numbers measured on an H100: either tile
+# sustains ~83 GMAC/s per SM with the SM full; fewer resident blocks hide less
+# latency (_EFF[r-1] = relative throughput with r blocks resident).
+_SM_MAC_RATE = 83e9
+_OCC = {"conv_128x128": 2, "conv_64x64": 4, "fc_tile": 4}
+_EFF = {"conv_128x128": (0.6, 1.0), "conv_64x64": (0.3, 0.55, 0.8, 1.0),
+        "fc_tile": (0.3, 0.55, 0.8, 1.0)}
+_ITER_LAT = 0.5e-6           # floor per k-tile iteration of a wave (load latency + barrier)
 _MEM_BW = 2.5e12             # bytes/s
 _LAUNCH_S = 2e-6             # one extra kernel launch
 
+_force_gemm = None   # tests: (kernel name, S) overrides the choice
+_AUTOTUNE = os.environ.get("MINIDNN_CUDA_AUTOTUNE", "1") not in ("0", "", "no", "false")
 
-_force_gemm = None   # tests: (kernel name, S) overrides the choice below
 
-
-def _choose_gemm(F, Ncols, Kd, cfgs, out_elems):
-    """Pick (kernel name, BM, BN, BK, split S, kchunk) minimising a crude time model."""
+def _gemm_candidates(rows, cols, Kd, cfgs, out_elems):
+    """[(model time, kernel name, BM, BN, BK, S, kchunk)] sorted, best first.
+    GEMM: rows tiled by BM (blockIdx.y), cols by BN (blockIdx.x), Kd split S ways."""
     if _force_gemm is not None and _force_gemm[0] in cfgs:
         kname, S = _force_gemm
-        BM, BN, BK, _ = cfgs[kname]
+        BM, BN, BK = cfgs[kname]
         kchunk = -(-(-(-Kd // BK)) // S) * BK
-        return kname, BM, BN, BK, -(-Kd // kchunk), kchunk
-    best = None
-    for kname, (BM, BN, BK, eff) in cfgs.items():
-        gx, gy = -(-Ncols // BN), -(-F // BM)
+        return [(0.0, kname, BM, BN, BK, -(-Kd // kchunk), kchunk)]
+    cands = {}
+    for kname, (BM, BN, BK) in cfgs.items():
+        blocks = -(-cols // BN) * -(-rows // BM)
         nkt = -(-Kd // BK)
-        blocks = gx * gy
-        for S in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
-            if S > 1 and (blocks * S > 4 * _SM_COUNT or nkt // S < 4):
+        occ, eff = _OCC[kname], _EFF[kname]
+        for S in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64):
+            if S > 1 and (blocks * S > 8 * _SM_COUNT or nkt < 2 * S):
                 continue
             kchunk = -(-nkt // S) * BK
-            S_eff = -(-Kd // kchunk)
-            waves = -(-(blocks * S_eff) // _SM_COUNT)
-            t = waves * BM * BN * kchunk / (eff * _SM_MAC_RATE)
-            if S_eff > 1:
-                t += (S_eff + 1) * out_elems * 4 / _MEM_BW + _LAUNCH_S
-            if best is None or t < best[0]:
-                best = (t, kname, BM, BN, BK, S_eff, kchunk)
-    return best[1:]
+            S = -(-Kd // kchunk)
+            per_sm = -(-(blocks * S) // _SM_COUNT)      # blocks on the busiest SM
+            full, r = divmod(per_sm, occ)
+            work = BM * BN * kchunk / _SM_MAC_RATE       # one block alone at full rate
+            t = full * occ * work / eff[occ - 1] + (r * work / eff[r - 1] if r else 0.0)
+            t = max(t, (full + (r > 0)) * (kchunk // BK) * _ITER_LAT)
+            if S > 1:
+                t += (S + 1) * out_elems * 4 / _MEM_BW + _LAUNCH_S
+            cands[(kname, S)] = (t, kname, BM, BN, BK, S, kchunk)
+    return sorted(cands.values())
 
 
 class _GemmPlan:
     """A (split-K) GEMM launch plus, when split, its reduction epilogue."""
 
-    __slots__ = ("main", "reduce", "ws", "keep", "S", "n_out", "inner", "F", "args")
+    __slots__ = ("main", "main_name", "reduce", "ws", "keep", "S", "n_out", "inner", "F",
+                 "args", "model_s", "tuned_s")
 
 
 def _splitk_reduce_kernel(n_out):
     return _Kernel("eltwise", "splitk_reduce", "PPPiiiii", (_blocks(n_out),), (256,))
+
+
+def _run_gemm(plan, x, w, b, y, relu):
+    if plan.S == 1:
+        plan.main(x.gpudata, w.gpudata, _ptr(b), y.gpudata, *plan.args)
+    else:
+        plan.main(x.gpudata, w.gpudata, 0, plan.ws.gpudata, *plan.args)
+        plan.reduce(plan.ws.gpudata, _ptr(b), y.gpudata, plan.n_out, plan.S,
+                    plan.inner, plan.F, int(bool(relu)))
+
+
+_spin = None
+
+
+def _autotune(plans, x, w, b, y, relu, reps=3, rounds=2):
+    """Time each candidate plan on the GPU (the op itself on the caller's
+    arrays: inputs are only read, y is rewritten by every run) and return the
+    fastest. A spin kernel runs first, so the host has queued every timed
+    launch before the first event: host launch overhead stays out."""
+    global _spin
+    if len(plans) == 1:
+        return plans[0]
+    if _spin is None:
+        _spin = _Kernel("eltwise", "spin_wait", "q", (1,), (1,))
+    best = [float("inf")] * len(plans)
+    for _ in range(rounds):
+        for i, p in enumerate(plans):
+            e0, e1 = drv.Event(), drv.Event()
+            _spin(300_000)
+            e0.record(stream)
+            for _ in range(reps):
+                _run_gemm(p, x, w, b, y, relu)
+            e1.record(stream)
+            e1.synchronize()
+            best[i] = min(best[i], e1.time_since(e0) * 1e-3 / reps)
+    i = min(range(len(plans)), key=best.__getitem__)
+    plans[i].tuned_s = best[i]
+    return plans[i]
+
+
+def _pick_gemm(make, cands, x, w, b, y, relu, ntune=5):
+    """Build the plan of the best modelled candidate, or time the best few."""
+    if not _AUTOTUNE or len(cands) == 1:
+        return make(*cands[0][1:], model_s=cands[0][0])
+    top = cands[:ntune]
+    for kname in {c[1] for c in cands}:   # also each tile's unsplit launch
+        c1 = [c for c in cands if c[1] == kname and c[5] == 1]
+        if c1 and c1[0] not in top:
+            top.append(c1[0])
+    plans = [make(*c[1:], model_s=c[0]) for c in top]
+    return _autotune(plans, x, w, b, y, relu)
 
 
 def _conv_plan(x, w, b, y, sy, sx, py, px, relu):
@@ -320,7 +391,7 @@ def _conv_plan(x, w, b, y, sy, sx, py, px, relu):
     Co = 1 + (C + 2 * px - nc) // sx
     _check(Ro >= 1 and Co >= 1, f"conv2d: {nr}x{nc} filter larger than padded {R}x{C} input")
     _check(tuple(y.shape) == (N, F, Ro, Co), f"conv2d: y must be {(N, F, Ro, Co)}, got {y.shape}")
-    _check(b is None or tuple(b.shape) in ((F,), (1, F, 1, 1), (F, 1, 1)), f"conv2d: b must have {F} elements")
+    _check(b is None or b.size == F, f"conv2d: b must have {F} elements")
     for a, lab in ((x, "x"), (w, "w"), (y, "y")) + (((b, "b"),) if b is not None else ()):
         _f32c(a, "conv2d " + lab)
     _check(nr < 65536 and nc < 65536, "conv2d: filter too large")
@@ -338,25 +409,25 @@ def _conv_plan(x, w, b, y, sy, sx, py, px, relu):
     tab[:, 0] = k * R * C + r * C + c
     tab[:, 1] = (r << 16) | c
     tab_gpu = asarray(tab)
-
-    kname, BM, BN, BK, S, kchunk = _choose_gemm(F, Ncols, Kd, _CONV_CFGS, y.size)
-    plan = _GemmPlan()
-    plan.main = _Kernel("conv", kname, "PPPPP" + "i" * 14 + "qi",
-                        (-(-Ncols // BN), -(-F // BM), S), (256,))
-    plan.S = S
-    plan.n_out = int(y.size)
-    plan.inner, plan.F = P, F
     vec = int(P % 4 == 0 and _ptr(y) % 16 == 0)
-    if S > 1:
-        plan.ws = empty((S * y.size,))
-        plan.reduce = _splitk_reduce_kernel(plan.n_out)
-        zstride = int(y.size)
-    else:
-        plan.ws, plan.reduce, zstride = None, None, 0
-    plan.keep = tab_gpu
-    plan.args = (F, Kd, R, C, K * R * C, Co, P, Ncols, sy, sx, py, px,
-                 0 if S > 1 else int(bool(relu)), kchunk, zstride, vec)
-    return plan
+
+    def make(kname, BM, BN, BK, S, kchunk, model_s):
+        plan = _GemmPlan()
+        plan.main_name, plan.S, plan.model_s, plan.tuned_s = kname, S, model_s, None
+        plan.main = _Kernel("conv", kname, "PPPPP" + "i" * 14 + "qi",
+                            (-(-Ncols // BN), -(-F // BM), S), (256,))
+        plan.n_out, plan.inner, plan.F = int(y.size), P, F
+        plan.keep = tab_gpu
+        plan.ws = empty((S * y.size,)) if S > 1 else None
+        plan.reduce = _splitk_reduce_kernel(plan.n_out) if S > 1 else None
+        tail = (tab_gpu.gpudata, F, Kd, R, C, K * R * C, Co, P, Ncols, sy, sx, py, px)
+        if S > 1:
+            plan.args = tail + (0, kchunk, int(y.size), vec)
+        else:
+            plan.args = tail + (int(bool(relu)), kchunk, 0, vec)
+        return plan
+
+    return _pick_gemm(make, _gemm_candidates(F, Ncols, Kd, _CONV_CFGS, y.size), x, w, b, y, relu)
 
 
 def conv2d(x, w, b, y, stride_y, stride_x, pad_y, pad_x, relu):
@@ -370,18 +441,15 @@ def conv2d(x, w, b, y, stride_y, stride_x, pad_y, pad_x, relu):
         plan = _plans[key] = _conv_plan(x, w, b, y, int(stride_y), int(stride_x),
                                         int(pad_y), int(pad_x), relu)
     if plan.S == 1:
-        plan.main(x.gpudata, w.gpudata, _ptr(b), y.gpudata, plan.keep.gpudata, *plan.args)
+        plan.main(x.gpudata, w.gpudata, _ptr(b), y.gpudata, *plan.args)
     else:
-        plan.main(x.gpudata, w.gpudata, 0, plan.ws.gpudata, plan.keep.gpudata, *plan.args)
+        plan.main(x.gpudata, w.gpudata, 0, plan.ws.gpudata, *plan.args)
         plan.reduce(plan.ws.gpudata, _ptr(b), y.gpudata, plan.n_out, plan.S,
                     plan.inner, plan.F, int(bool(relu)))
 
 
 # ---------------------------------------------------------------------------
 # fc
-
-_FC_CFGS = {"fc_tile": (64, 64, 16, 1.0)}
-
 
 def _fc_plan(x, w, b, y, relu):
     _check(len(w.shape) == 2, "fc wants w (O, D)")
@@ -392,30 +460,34 @@ def _fc_plan(x, w, b, y, relu):
     _check(b is None or b.size == O, f"fc: b must have {O} elements")
     for a, lab in ((x, "x"), (w, "w"), (y, "y")) + (((b, "b"),) if b is not None else ()):
         _f32c(a, "fc " + lab)
-    plan = _GemmPlan()
-    plan.keep = None
-    plan.n_out, plan.inner, plan.F = N * O, 1, O
     if N <= 8:
+        plan = _GemmPlan()
+        plan.keep, plan.model_s, plan.tuned_s = None, None, None
+        plan.n_out, plan.inner, plan.F = N * O, 1, O
         vec4 = int(D % 4 == 0 and _aligned16(x, w))
+        plan.main_name = "fc_small"
         plan.main = _Kernel("gemm", "fc_small", "PPPPiiiii", (-(-O // 8),), (256,))
         plan.S, plan.ws, plan.reduce = 1, None, None
         plan.args = (N, O, D, int(bool(relu)), vec4)
-        plan.keep = "small"
         return plan
-    # GEMM rows = samples (x), columns = outputs (w)
-    kname, BM, BN, BK, S, kchunk = _choose_gemm(N, O, D, _FC_CFGS, N * O)
-    # _choose_gemm's (F, Ncols) are (rows, cols): rows N tile BM, cols O tile BN
-    plan.main = _Kernel("gemm", kname, "PPPPiiiiiqi", (-(-O // BN), -(-N // BM), S), (256,))
-    plan.S = S
     vec = int(O % 4 == 0 and _ptr(y) % 16 == 0)
-    if S > 1:
-        plan.ws = empty((S * N * O,))
-        plan.reduce = _splitk_reduce_kernel(plan.n_out)
-        plan.args = (N, O, D, 0, kchunk, N * O, vec)
-    else:
-        plan.ws, plan.reduce = None, None
-        plan.args = (N, O, D, int(bool(relu)), kchunk, 0, vec)
-    return plan
+
+    def make(kname, BM, BN, BK, S, kchunk, model_s):
+        # GEMM rows = samples (x), columns = outputs (w)
+        plan = _GemmPlan()
+        plan.main_name, plan.S, plan.model_s, plan.tuned_s = kname, S, model_s, None
+        plan.keep = None
+        plan.n_out, plan.inner, plan.F = N * O, 1, O
+        plan.main = _Kernel("gemm", kname, "PPPPiiiiiqi", (-(-O // BN), -(-N // BM), S), (256,))
+        plan.ws = empty((S * N * O,)) if S > 1 else None
+        plan.reduce = _splitk_reduce_kernel(plan.n_out) if S > 1 else None
+        if S > 1:
+            plan.args = (N, O, D, 0, kchunk, N * O, vec)
+        else:
+            plan.args = (N, O, D, int(bool(relu)), kchunk, 0, vec)
+        return plan
+
+    return _pick_gemm(make, _gemm_candidates(N, O, D, _FC_CFGS, N * O), x, w, b, y, relu)
 
 
 def fc(x, w, b, y, relu):
