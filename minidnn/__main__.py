@@ -17,47 +17,86 @@ def _median_ms(fn, x, repeat=20):
 
 
 def demo_net():
-    """A small CNN with batch-norm (1x28x28 in, 10 classes)."""
+    """A small CNN with batch-norm for the 8x8 digits (1x8x8 in, 10 classes)."""
     import minidnn as dnn
     return dnn.loss_multiclass_log(
         dnn.fc(10, dnn.relu(dnn.bn_fc(dnn.fc(64,
         dnn.max_pool(2, 2, 2, 2, dnn.relu(dnn.bn_con(dnn.con(32, 3, 3, 1, 1,
-        dnn.max_pool(2, 2, 2, 2, dnn.relu(dnn.bn_con(dnn.con(16, 5, 5, 1, 1,
-        dnn.input_tensor())))))))))))))
+        dnn.relu(dnn.bn_con(dnn.con(16, 3, 3, 1, 1,
+        dnn.input_tensor()))))))))))))
+
+
+def load_digits():
+    """The 8x8 handwritten digits shipped in minidnn/data (UCI, CC BY 4.0; see its README):
+    images float32 (1797, 1, 8, 8) scaled to [0, 1], labels int64 (1797,)."""
+    import os
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "digits.npz")
+    with np.load(path, allow_pickle=False) as z:
+        images, labels = z["images"], z["labels"]
+    return (images.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8), labels.astype(np.int64)
+
+
+def _accuracy(net, x, y):
+    return float((net(x) == y).mean())
 
 
 def cmd_demo(args):
+    import os
+    import tempfile
     import minidnn as dnn
-    rng = np.random.default_rng(0)
+    t_start = time.perf_counter()
+    x, y = load_digits()
+    order = np.random.default_rng(args.seed).permutation(len(y))
+    n_test = len(y) // 5
+    test, train = order[:n_test], order[n_test:]
+    xtr, ytr, xte, yte = x[train], y[train], x[test], y[test]
     net = demo_net()
-    x = rng.standard_normal((args.batch, 1, 28, 28)).astype(np.float32)
-    net(x)                                       # setup: parameters are allocated
-    for n in net.chain():                        # give batch-norm non-trivial statistics
-        l = n.layer_details()
-        if isinstance(l, dnn.bn_):
-            k = l.gamma.shape[0]
-            l.gamma[:] = rng.uniform(0.5, 2.0, k)
-            l.beta[:] = rng.normal(0, 0.5, k)
-            l.running_mean[:] = rng.normal(0, 0.5, k)
-            l.running_var[:] = rng.uniform(0.5, 2.0, k)
-    print("built a small CNN with batch-norm:\n")
+    print(f"8x8 handwritten digits (UCI, shipped in minidnn/data): {len(train)} for training, "
+          f"{len(test)} held out\n")
+    trainer = dnn.dnn_trainer(net, dnn.sgd(weight_decay=5e-4, momentum=0.9), seed=args.seed,
+                              verbose=not args.quiet)
+    trainer.learning_rate = 0.05
+    trainer.min_learning_rate = 1e-4
+    trainer.mini_batch_size = 64
+    trainer.max_num_epochs = args.epochs
+    trainer.iterations_without_progress_threshold = 200
+    print(f"training a small CNN with batch-norm: {trainer}\n", flush=True)
+    t0 = time.perf_counter()
+    trainer.train(xtr, ytr)
+    t_train = time.perf_counter() - t0
+    print(f"\ntrained in {t_train:.1f} s ({trainer.get_train_one_step_calls()} mini-batches, "
+          f"final learning rate {trainer.learning_rate:g}):\n")
+    before = net.forward(xte)
     print(net)
-    before = net.forward(x)
-    labels = net(x)
-    t_unfused = _median_ms(net.forward, x)
-    print(f"\nforward of a batch of {args.batch} 1x28x28 images: output {before.shape}, "
-          f"labels {labels[:8].tolist()}{' ...' if len(labels) > 8 else ''}")
+    acc_before = _accuracy(net, xte, yte)
+    xb = xte[:args.batch]
+    t_unfused = _median_ms(net.forward, xb)
+    print(f"\nheld-out accuracy: {acc_before:.2%} (training set {_accuracy(net, xtr, ytr):.2%})")
     dnn.fuse(net)
-    after = net.forward(x)
-    t_fused = _median_ms(net.forward, x)
+    after = net.forward(xte)
+    acc_after = _accuracy(net, xte, yte)
+    t_fused = _median_ms(net.forward, xb)
     print("\nafter dnn.fuse(net):\n")
     print(net)
     diff = float(np.abs(after - before).max())
     rel = diff / max(1.0, float(np.abs(before).max()))
-    print(f"\nlargest output difference fused vs unfused: {diff:.3g} ({rel:.2g} relative)")
-    print(f"labels unchanged: {bool((net(x) == labels).all())}")
-    print(f"latency (median of 20, batch {args.batch}): unfused {t_unfused:.3f} ms, "
+    print(f"\nheld-out accuracy after fusing: {acc_after:.2%}")
+    print(f"largest output difference fused vs unfused: {diff:.3g} ({rel:.2g} relative)")
+    print(f"latency (median of 20, batch {len(xb)}): unfused {t_unfused:.3f} ms, "
           f"fused {t_fused:.3f} ms ({t_unfused / t_fused:.2f}x)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "digits.dnn")
+        dnn.serialize(net, path)
+        size = os.path.getsize(path)
+        loaded = dnn.deserialize(path)
+        same = float(np.abs(loaded.forward(xte) - after).max())
+        acc_loaded = _accuracy(loaded, xte, yte)
+    print(f"saved with dnn.serialize: {size} bytes ({size / 1024:.1f} KiB); reloaded: held-out "
+          f"accuracy {acc_loaded:.2%}, largest output difference {same:.3g}")
+    print(f"total {time.perf_counter() - t_start:.1f} s")
+    if acc_after < 0.97 or same != 0.0:
+        print("demo FAILED: expected >= 97% held-out accuracy and an exact reload", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -128,8 +167,13 @@ def cmd_fuse(args):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m minidnn", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="build a small CNN with batch-norm, run it, fuse it")
-    d.add_argument("--batch", type=int, default=16)
+    d = sub.add_parser("demo", help="train a small batch-norm CNN on the 8x8 digits, fuse it, "
+                                    "save and reload it")
+    d.add_argument("--batch", type=int, default=16, help="batch size of the latency measurement")
+    d.add_argument("--epochs", type=int, default=12, help="training epochs")
+    d.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and "
+                                                         "the shuffling")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(fn=cmd_demo)
     i = sub.add_parser("info", help="print a saved network: layers, parameters, format and record versions")
     i.add_argument("file")

@@ -390,3 +390,13 @@ def test_import_without_pycuda_says_how_to_install():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
     assert "RuntimeError:" in out and "PyCUDA" in out and 'pip install "minidnn[gpu]"' in out
+
+
+def test_prepared_async_call_fallback(cu, rng):
+    """The launcher's public-API path (used where PyCUDA lacks _launch_kernel)."""
+    x = _rand(rng, 1000)
+    xg, y = cu.asarray(x), _poisoned(cu, (1000,))
+    k = cu._Kernel("eltwise", "relu_f", "PPi", (4,), (256,))
+    k._launch = None
+    k(xg.gpudata, y.gpudata, 1000)
+    assert_close(cu.to_numpy(y), np.maximum(x, 0))

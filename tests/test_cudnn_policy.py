@@ -90,9 +90,9 @@ def test_identity_unmeasured_versions_stay_with_the_documented_algorithm(v, algo
 @pytest.mark.parametrize("v", [91400, 91900])
 @pytest.mark.parametrize("algo", FWD_ALGOS)
 def test_identity_measured_versions_follow_the_measurement(v, algo):
-    # measured on 9.14 and 9.19 (see the table in cudnn.py): fused identity works
-    # with every algorithm that runs at all; DIRECT and WINOGRAD never ran.
-    expected = UNFUSED if algo in ("DIRECT", "WINOGRAD") else FUSED
+    # measured on 9.14 and 9.19 (see the table in cudnn.py): the fused call with
+    # identity answered SUCCESS for every algorithm but DIRECT.
+    expected = UNFUSED if algo == "DIRECT" else FUSED
     assert cudnn.fused_policy(v, algo, IDENTITY) == expected
 
 
@@ -168,8 +168,10 @@ class _Arr:
 class FakeCudnn:
     """Answers the calls cudnn.py makes; ``fused_answer(algo, act)`` decides the fused call."""
 
-    def __init__(self, version, fused_answer, heuristic=("IMPLICIT_PRECOMP_GEMM",)):
+    def __init__(self, version, fused_answer, heuristic=("IMPLICIT_PRECOMP_GEMM",),
+                 conv_answer=lambda algo: 0, workspace_answer=lambda algo: 0):
         self.version, self.fused_answer, self.heuristic = version, fused_answer, heuristic
+        self.conv_answer, self.workspace_answer = conv_answer, workspace_answer
         self.calls = []
         self.next = 100
         self.acts = {}
@@ -195,6 +197,9 @@ class FakeCudnn:
                 args[6]._obj.value = len(self.heuristic)
             elif name == "cudnnGetConvolutionForwardWorkspaceSize":
                 args[6]._obj.value = 0
+                return self.workspace_answer(FWD_ALGOS[args[5]])
+            elif name == "cudnnConvolutionForward":
+                return self.conv_answer(FWD_ALGOS[args[7]])
             elif name == "cudnnConvolutionBiasActivationForward":
                 act = RELU if self.acts[args[15].value] == 1 else IDENTITY
                 return self.fused_answer(FWD_ALGOS[args[7]], act)
@@ -310,6 +315,33 @@ def test_forced_algorithm_is_used(fake):
     assert cudnn.conv_path((2, 3, 8, 8), (4, 3, 3, 3), 1, 1, 1, 1, True)["algorithm"] == "FFT"
     with pytest.raises(ValueError):
         cudnn.force_algorithm("FASTEST")
+
+
+@pytest.mark.parametrize("v", [8907, 91900])
+def test_forced_algorithm_that_cudnn_refuses_moves_on(fake, v):
+    # what cuDNN 9.19 does with DIRECT: the workspace query, the fused call and the
+    # plain convolution all answer NOT_SUPPORTED; the result comes from the next algorithm
+    ns = cudnn.not_supported_code(v)
+    lib = fake(v, lambda algo, act: ns if algo == "DIRECT" else 0,
+               heuristic=("IMPLICIT_PRECOMP_GEMM", "GEMM"),
+               conv_answer=lambda algo: ns if algo == "DIRECT" else 0,
+               workspace_answer=lambda algo: ns if algo == "DIRECT" else 0)
+    cudnn.force_algorithm("DIRECT")
+    assert _conv(lib, relu=True) == ["cudnnConvolutionBiasActivationForward",
+                                     "cudnnConvolutionForward",
+                                     "cudnnConvolutionBiasActivationForward"]
+    info = cudnn.conv_path((2, 3, 8, 8), (4, 3, 3, 3), 1, 1, 1, 1, True)
+    assert info["algorithm"] == "IMPLICIT_PRECOMP_GEMM" and info["path"] == FUSED
+    assert "DIRECT: NOT_SUPPORTED" in info["note"]
+    assert ((2, 3, 8, 8), (4, 3, 3, 3), (1, 1), (1, 1), "DIRECT", RELU) in cudnn._fallback
+    # remembered: the next call goes straight to the algorithm that works
+    assert _conv(lib, relu=True) == ["cudnnConvolutionBiasActivationForward"]
+
+
+def test_winograd_is_never_picked_unless_forced(fake):
+    lib = fake(91900, lambda algo, act: 0, heuristic=("WINOGRAD_NONFUSED", "GEMM"))
+    _conv(lib, relu=True)
+    assert cudnn.conv_path((2, 3, 8, 8), (4, 3, 3, 3), 1, 1, 1, 1, True)["algorithm"] == "GEMM"
 
 
 def test_shape_mismatch_is_a_clear_error(fake):

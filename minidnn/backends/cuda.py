@@ -22,6 +22,12 @@ WHAT THIS MODULE REPRESENTS
     split-K workspace) and caches it; later calls with the same shapes do a
     dict lookup, pack the arguments and launch. Plans and their scratch live
     as long as the process, so captured graphs never see them freed.
+    conv2d and fc (batch > 8) choose their tile and split-K factor per shape:
+    a time model ranks the candidates and the best few are timed once on the
+    GPU, on the caller's arrays, when the plan is built (this synchronises;
+    plans must therefore be built outside graph capture, which capture()'s
+    warm-up run does). MINIDNN_CUDA_AUTOTUNE=0 uses the model alone, which
+    makes the choice, and so the summation order, the same on every run.
 
     ``capture(fn)`` records everything ``fn()`` launches on ``stream`` into a
     CUDA graph and returns a ``Graph`` whose ``launch()`` replays it.
@@ -224,25 +230,28 @@ def load_kernels():
 
 
 class _Kernel:
-    """One prepared kernel with a fixed launch configuration."""
+    """One prepared kernel with a fixed launch configuration, launched on `stream`."""
 
-    __slots__ = ("fmt", "grid", "block", "shared", "_launch")
+    __slots__ = ("fmt", "grid", "block", "shared", "_launch", "_func")
 
     def __init__(self, family, fname, fmt, grid, block, shared=0):
         func = _module(family).get_function(fname)
         func.prepare(fmt)
+        self._func = func
         self.fmt = func.arg_format
         self.grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
         self.block = tuple(int(b) for b in block) + (1,) * (3 - len(block))
         self.shared = shared
-        launch = getattr(func, "_launch_kernel", None)
-        if launch is None:  # a PyCUDA without the private fast path
-            def launch(grid, block, buf, shared, strm, _f=func):  # pragma: no cover
-                raise RuntimeError("PyCUDA lacks Function._launch_kernel")
-        self._launch = launch
+        # Function._launch_kernel is what prepared_async_call ends in; calling it
+        # with the arguments packed here skips per-call work we have done once.
+        self._launch = getattr(func, "_launch_kernel", None)
 
     def __call__(self, *args):
-        self._launch(self.grid, self.block, _pack(self.fmt, *args), self.shared, stream)
+        if self._launch is not None:
+            self._launch(self.grid, self.block, _pack(self.fmt, *args), self.shared, stream)
+        else:  # a PyCUDA without the private fast path
+            self._func.prepared_async_call(self.grid, self.block, stream, *args,
+                                           shared_size=self.shared)
 
 
 def _ptr(a):
