@@ -13,8 +13,10 @@ architecture and minidnn's parameters, ONNX Runtime the PyTorch export):
 Batch-norm layers get random statistics, so fuse() has real folding to do;
 every engine's output is checked against minidnn's before timing.
 
-Timing on a shared machine: each sample is a window of back-to-back calls
-(after one untimed call); engines are interleaved window by window, and a
+Each engine runs in its own process, so the thread pools of minidnn
+(OpenMP), PyTorch (its own OpenMP) and ONNX Runtime never spin against each
+other. Timing on a shared machine: each sample is a window of back-to-back
+calls (after one untimed call); engines are interleaved window by window, and a
 window is kept only if other processes used < 10% of the CPUs meanwhile
 (from /proc/stat minus this process's own CPU time). The table reports the
 median ms per forward over kept windows; "quiet" counts them (when fewer
@@ -57,35 +59,58 @@ def _own_ticks():
     return (t.user + t.system) * _HZ
 
 
-class Sampler:
-    """Collects quiet windows of one engine on one input."""
+def _worker(conn, engine, name, batch, nt, window):
+    """One engine in its own process, so thread pools (minidnn's OpenMP,
+    PyTorch's OpenMP, ONNX Runtime's) never spin against each other."""
+    try:
+        fn, out = _engine(engine, name, batch, nt)
+        conn.send(("ready", out))
+        reps = None
+        while True:
+            cmd = conn.recv()
+            if cmd == "stop":
+                break
+            fn()                                  # untimed: wake threads, warm caches
+            if reps is None:
+                t = time.perf_counter(); fn(); dt = time.perf_counter() - t
+                reps = max(1, int(window / max(dt, 1e-6)))
+            o0 = _own_ticks()
+            ts = []
+            w0 = time.perf_counter()
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t)
+            conn.send((float(np.median(ts)) * 1e3, time.perf_counter() - w0, _own_ticks() - o0))
+    except Exception as e:  # reported to the coordinator, which skips the engine
+        conn.send(("error", f"{type(e).__name__}: {e}"))
 
-    def __init__(self, fn, window):
-        self.fn = fn
-        self.window = window
-        self.reps = None
-        self.kept = []        # ms per call, quiet windows
-        self.all = []         # (foreign fraction, ms per call)
+
+class Engine:
+    def __init__(self, engine, name, batch, nt, window):
+        import multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, engine, name, batch, nt, window), daemon=True)
+        self.proc.start()
+        self.kept, self.all = [], []
+
+    def ready(self):
+        tag, payload = self.conn.recv()
+        if tag == "error":
+            self.close()
+            raise RuntimeError(payload)
+        return payload
 
     def sample(self):
-        self.fn()             # untimed: wakes this engine's threads, warms caches
-        if self.reps is None:
-            t = time.perf_counter(); self.fn(); dt = time.perf_counter() - t
-            self.reps = max(1, int(self.window / max(dt, 1e-6)))
-        b0, o0 = _busy_ticks(), _own_ticks()
-        ts = []
-        w0 = time.perf_counter()
-        for _ in range(self.reps):
-            t = time.perf_counter()
-            self.fn()
-            ts.append(time.perf_counter() - t)
-        wall = time.perf_counter() - w0
-        ms = float(np.median(ts)) * 1e3
-        if b0 is None:
-            foreign = 0.0
-        else:
-            foreign = ((_busy_ticks() - b0) - (_own_ticks() - o0)) / _HZ / (wall * os.cpu_count())
-        self.all.append((max(foreign, 0.0), ms))
+        b0 = _busy_ticks()
+        self.conn.send("window")
+        msg = self.conn.recv()
+        if msg[0] == "error":
+            raise RuntimeError(msg[1])
+        ms, wall, own = msg
+        foreign = 0.0 if b0 is None else max(0.0, ((_busy_ticks() - b0) - own) / _HZ / (wall * os.cpu_count()))
+        self.all.append((foreign, ms))
         if foreign < 0.10:
             self.kept.append(ms)
 
@@ -95,16 +120,22 @@ class Sampler:
         quietest = [ms for _, ms in sorted(self.all)[:3]]
         return float(np.median(quietest)), len(self.kept), True
 
+    def close(self):
+        try:
+            self.conn.send("stop")
+        except (OSError, BrokenPipeError):
+            pass
+        self.proc.join(timeout=10)
 
-def run_interleaved(fns, window, want, max_rounds):
-    samplers = {name: Sampler(fn, window) for name, fn in fns.items()}
+
+def run_interleaved(engines, want, max_rounds):
     for _ in range(max_rounds):
-        for s in samplers.values():
-            if len(s.kept) < want:
-                s.sample()
-        if all(len(s.kept) >= want for s in samplers.values()):
+        for e in engines.values():
+            if len(e.kept) < want:
+                e.sample()
+        if all(len(e.kept) >= want for e in engines.values()):
             break
-    return {name: s.result() for name, s in samplers.items()}
+    return {name: e.result() for name, e in engines.items()}
 
 
 # -------------------------------------------------------------------- nets
@@ -312,6 +343,41 @@ def versions():
     return v
 
 
+def _input(name, batch):
+    return np.random.default_rng(2).standard_normal((batch,) + NETS[name][1]).astype(np.float32)
+
+
+def _engine(engine, name, batch, nt):
+    """(fn running one forward, its output on the benchmark input) for an engine,
+    built inside the worker process."""
+    x = _input(name, batch)
+    cpu_backend.set_num_threads(nt)
+    net = build(name, batch)
+    if engine == "minidnn":
+        return (lambda: net.forward_device(x)), net.forward(x)
+    if engine == "minidnn fused":
+        dnn.fuse(net)
+        return (lambda: net.forward_device(x)), net.forward(x)
+    import torch
+    torch.set_num_threads(nt)
+    torch.set_num_interop_threads(1)
+    model = torch_twin(net)
+    tx = torch.from_numpy(x)
+    if engine == "pytorch":
+        def fn():
+            with torch.inference_mode():
+                return model(tx)
+        with torch.inference_mode():
+            return fn, fn().numpy()
+    if engine == "onnxruntime":
+        import onnxruntime as ort
+        sess = onnx_session(torch, ort, model, tx, nt)
+        iname = sess.get_inputs()[0].name
+        fn = lambda: sess.run(None, {iname: x})  # noqa: E731
+        return fn, fn()[0]
+    raise ValueError(engine)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -322,65 +388,48 @@ def main():
                                                    "results", "cpu.json"))
     args = ap.parse_args()
     nt = args.threads
-    cpu_backend.set_num_threads(nt)
-    want, rounds = (3, 6) if args.quick else (5, 15)
+    want, rounds = (3, 6) if args.quick else (5, 12)
 
-    torch = ort = None
+    engines = ["minidnn", "minidnn fused"]
     if not args.no_peers:
-        try:
-            import torch
-            torch.set_num_threads(nt)
-            torch.set_num_interop_threads(1)
-        except ImportError:
-            print("PyTorch not importable: skipped")
-        try:
-            import onnx  # noqa: F401
-            import onnxruntime as ort
-        except ImportError:
-            print("ONNX Runtime (or onnx) not importable: skipped")
+        for mod, eng in (("torch", "pytorch"), ("onnxruntime", "onnxruntime")):
+            try:
+                __import__(mod)
+                if mod == "onnxruntime":
+                    __import__("onnx")
+                engines.append(eng)
+            except ImportError:
+                print(f"{mod} not importable: {eng} skipped")
+    peers = [e for e in engines if not e.startswith("minidnn")]
 
     rows = []
-    print(f"threads: {nt}   machine: {machine().get('Model name', '?')}")
-    print("| net | batch | engine | ms | GFLOP/s | vs best peer | quiet |")
+    print(f"threads: {nt}   machine: {machine().get('Model name', '?')}   engines in separate processes")
+    print("| net | batch | engine | ms | GFLOP/s | vs best peer | quiet windows |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
     for name in args.nets.split(","):
-        _, shape, big = NETS[name]
-        for batch in (1, big):
-            x = np.random.default_rng(2).standard_normal((batch,) + shape).astype(np.float32)
+        for batch in (1, NETS[name][2]):
             net = build(name, batch)
-            fused = dnn.fuse(build(name, batch))
-            ref = net.forward(x)
+            ref = net.forward(_input(name, batch))
             gflop = flops(net) / 1e9
-            err = float(np.abs(fused.forward(x) - ref).max() / max(1.0, np.abs(ref).max()))
-            assert err < 1e-3, f"{name}: fused output differs from unfused ({err})"
-            fns = {"minidnn": lambda net=net: net.forward_device(x),
-                   "minidnn fused": lambda net=fused: net.forward_device(x)}
-            peers = []
-            if torch is not None:
-                model = torch_twin(net)
-                tx = torch.from_numpy(x)
-                with torch.inference_mode():
-                    tout = model(tx).numpy()
-                err = float(np.abs(tout.reshape(ref.shape) - ref).max() / max(1.0, np.abs(ref).max()))
-                assert err < 1e-3, f"{name}: PyTorch twin differs from minidnn ({err})"
-
-                def torch_fn(model=model, tx=tx):
-                    with torch.inference_mode():
-                        return model(tx)
-                fns["pytorch"] = torch_fn
-                peers.append("pytorch")
-                if ort is not None:
-                    sess = onnx_session(torch, ort, model, tx, nt)
-                    if sess is not None:
-                        iname = sess.get_inputs()[0].name
-                        oout = sess.run(None, {iname: x})[0]
-                        err = float(np.abs(oout.reshape(ref.shape) - ref).max() / max(1.0, np.abs(ref).max()))
-                        assert err < 1e-3, f"{name}: ONNX Runtime differs from minidnn ({err})"
-                        fns["onnxruntime"] = lambda sess=sess, iname=iname: sess.run(None, {iname: x})
-                        peers.append("onnxruntime")
-            window = 0.25 if batch == 1 else 0.4
-            res = run_interleaved(fns, window, want, rounds)
-            best_peer = min((res[p][0] for p in peers), default=None)
+            window = 0.25 if batch == 1 else 0.5
+            live = {e: Engine(e, name, batch, nt, window) for e in engines}
+            for e in list(live):
+                try:
+                    out = live[e].ready()
+                except RuntimeError as err:
+                    print(f"{e} failed on {name}: {err}: skipped")
+                    del live[e]
+                    continue
+                err = float(np.abs(np.asarray(out).reshape(ref.shape) - ref).max()
+                            / max(1.0, float(np.abs(ref).max())))
+                if err > 1e-3:
+                    raise AssertionError(f"{name} batch {batch}: {e} differs from minidnn (rel. {err:.2e})")
+            try:
+                res = run_interleaved(live, want, rounds)
+            finally:
+                for e in live.values():
+                    e.close()
+            best_peer = min((res[p][0] for p in peers if p in res), default=None)
             for engine, (ms, quiet, noisy) in res.items():
                 ratio = best_peer / ms if best_peer else None
                 rows.append(dict(net=name, batch=batch, engine=engine, ms=ms, gflops=gflop / (ms / 1e3),
@@ -391,8 +440,9 @@ def main():
 
     out = dict(machine=machine(), versions=versions(), threads=nt,
                date=time.strftime("%Y-%m-%d %H:%M:%S"),
-               method=("median ms per forward over interleaved windows in which other processes used "
-                       "< 10% CPU; vs_best_peer = best peer ms / engine ms; GFLOP/s = 2*MACs of conv+fc"),
+               method=("each engine in its own process; median ms per forward over interleaved windows "
+                       "in which other processes used < 10% CPU; vs_best_peer = best peer ms / engine ms; "
+                       "GFLOP/s = 2*MACs of conv+fc"),
                results=rows)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
@@ -401,8 +451,10 @@ def main():
 
 
 def onnx_session(torch, ort, model, tx, nt):
-    """An ONNX Runtime session for the exported model, or None (with the reason printed)."""
+    """An ONNX Runtime session for the exported model (RuntimeError if the export fails)."""
     import tempfile
+    import warnings
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     path = os.path.join(tempfile.mkdtemp(), "m.onnx")
     try:
         try:
@@ -410,8 +462,7 @@ def onnx_session(torch, ort, model, tx, nt):
         except TypeError:
             torch.onnx.export(model, (tx,), path, opset_version=17)
     except Exception as e:  # exporter missing pieces (e.g. onnxscript): skip the peer
-        print(f"ONNX export failed ({type(e).__name__}: {str(e)[:120]}): ONNX Runtime skipped")
-        return None
+        raise RuntimeError(f"ONNX export failed ({type(e).__name__}: {str(e)[:200]})") from None
     so = ort.SessionOptions()
     so.intra_op_num_threads = nt
     so.inter_op_num_threads = 1

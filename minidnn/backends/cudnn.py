@@ -350,7 +350,7 @@ def available():
     if load() is None:
         return False
     try:
-        import pycuda.driver  # noqa: F401
+        import pycuda.driver  # noqa: F401  (the check itself)
     except Exception as e:
         _state["reason"] = f"PyCUDA cannot be imported ({e}); pip install 'minidnn[cudnn]'"
         return False
