@@ -55,11 +55,11 @@ def cmd_demo(args):
           f"{len(test)} held out\n")
     trainer = dnn.dnn_trainer(net, dnn.sgd(weight_decay=5e-4, momentum=0.9), seed=args.seed,
                               verbose=not args.quiet)
-    trainer.learning_rate = 0.05
+    trainer.learning_rate = 0.1
     trainer.min_learning_rate = 1e-4
-    trainer.mini_batch_size = 64
+    trainer.mini_batch_size = 32
     trainer.max_num_epochs = args.epochs
-    trainer.iterations_without_progress_threshold = 200
+    trainer.iterations_without_progress_threshold = 150
     print(f"training a small CNN with batch-norm: {trainer}\n", flush=True)
     t0 = time.perf_counter()
     trainer.train(xtr, ytr)
@@ -170,7 +170,7 @@ def main(argv=None):
     d = sub.add_parser("demo", help="train a small batch-norm CNN on the 8x8 digits, fuse it, "
                                     "save and reload it")
     d.add_argument("--batch", type=int, default=16, help="batch size of the latency measurement")
-    d.add_argument("--epochs", type=int, default=12, help="training epochs")
+    d.add_argument("--epochs", type=int, default=20, help="training epochs")
     d.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and "
                                                          "the shuffling")
     d.add_argument("--quiet", action="store_true", help="no progress bar")

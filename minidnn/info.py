@@ -75,7 +75,11 @@ def backend_info(net, input_shape=None):
              "stride": (sy, sx), "padding": (py, px), "relu": bool(relu), "bias": b is not None,
              "path": CPU_KERNEL if be is None else OWN_KERNEL, "algorithm": None,
              "fallback": None}
-        if be is not None and info["cudnn"]:
+        route = getattr(be, "conv_route", None)
+        route = route(x.shape, w.shape, sy, sx, py, px, relu) if route is not None else None
+        if route == "own":
+            pass
+        elif be is not None and info["cudnn"]:
             p = cudnn.conv_path(x.shape, w.shape, sy, sx, py, px, relu, plan=False)
             if (p is None or p["calls"] == 0) and routed:
                 p = cudnn.conv_path(x.shape, w.shape, sy, sx, py, px, relu, plan=True)

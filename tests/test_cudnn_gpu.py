@@ -224,11 +224,13 @@ def test_cudnn_vs_own_kernels(fresh, shape, relu, monkeypatch):
         pytest.skip("minidnn.backends.cuda is not usable here")
     if be.conv2d is cudnn.conv2d:
         pytest.skip("the backend's conv2d is the cuDNN path itself")
-    if isinstance(getattr(be, "use_cudnn", None), bool):
-        monkeypatch.setattr(be, "use_cudnn", False)      # reach the own kernel
+    be.set_conv_route("own")                             # reach the own kernel
     xs, ws, stride, pad = shape
     x, w, b = data(xs, ws, True, seed=4)
-    own = run(x, w, b, stride, pad, relu, fn=be.conv2d)
+    try:
+        own = run(x, w, b, stride, pad, relu, fn=be.conv2d)
+    finally:
+        be.set_conv_route("auto")
     via = run(x, w, b, stride, pad, relu)
     scale = max(1.0, float(np.abs(via).max()))
     assert float(np.abs(own - via).max()) / scale < 2e-5

@@ -110,3 +110,30 @@ def test_to_cuda_without_pycuda_is_a_clear_error():
         net.to("cuda")
     assert net.device == "cpu"
     assert net.forward(rand(1, 1, 2, 2)).shape == (1, 1, 2, 2)
+
+
+@gpu
+@pytest.mark.parametrize("route", ["own", "cudnn", "auto"])
+def test_conv_routes_match_reference_and_are_reported(route):
+    be = dnn.ops.backend("cuda")
+    net = cifar_resnet(widths=(8, 16, 32))
+    x = rand(4, 3, 32, 32)
+    prepared(net, x)
+    dnn.fuse(net)
+    ref = R.forward(net, x)
+    be.set_conv_route(route)
+    try:
+        net.to("cuda")
+        R.assert_close(net.forward(x), ref)
+        R.assert_close(net.forward(x), ref)          # graph replay
+        info = dnn.backend_info(net)
+        paths = {c["path"] for c in info["convolutions"]}
+        assert len(info["convolutions"]) == 13
+        if route == "own" or not info["cudnn"]:
+            assert paths == {"own kernel"}
+        elif route == "cudnn":
+            assert "own kernel" not in paths
+            relu_paths = {c["path"] for c in info["convolutions"] if c["relu"]}
+            assert relu_paths == {"fused cuDNN call"}
+    finally:
+        be.set_conv_route("auto")

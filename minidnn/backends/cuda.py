@@ -439,16 +439,112 @@ def _conv_plan(x, w, b, y, sy, sx, py, px, relu):
     return _pick_gemm(make, _gemm_candidates(F, Ncols, Kd, _CONV_CFGS, y.size), x, w, b, y, relu)
 
 
+# ---------------------------------------------------------------------------
+# Routing convolutions through cuDNN, where it is installed.
+#
+# The route mode: "auto" lets each convolution shape take the faster of cuDNN
+# and the own kernels, both timed on the GPU at its first call; "cudnn" always
+# takes cuDNN (where it is installed); "own" never does. MINIDNN_CUDA_CONV sets
+# it at import, set_conv_route() later. The choice per shape is kept in _routes
+# and reported by conv_route() / dnn.backend_info.
+
+_route_mode = os.environ.get("MINIDNN_CUDA_CONV", "auto").lower()
+_routes: dict = {}      # (x shape, w shape, stride, pad, relu) -> "cudnn" | "own"
+_CUDNN = "cudnn"
+
+
+def set_conv_route(mode):
+    """Choose how convolutions run: "auto", "cudnn" or "own" (see above). Forgets the
+    choices made so far: call it before compiling a net, or move the net again
+    with net.to("cuda") so that it is recompiled."""
+    global _route_mode
+    if mode not in ("auto", "cudnn", "own"):
+        raise ValueError(f"conv route must be 'auto', 'cudnn' or 'own', got {mode!r}")
+    _route_mode = mode
+    _routes.clear()
+    for k in [k for k in _plans if k[0] == "conv"]:
+        del _plans[k]
+
+
+def use_cudnn():
+    """Whether convolutions may run through cuDNN (it is installed and not turned off)."""
+    return _cudnn_module() is not None
+
+
+def _cudnn_module():
+    """backends.cudnn when cuDNN can be used, else None."""
+    if _route_mode == "own":
+        return None
+    from . import cudnn
+    return cudnn if cudnn.available() else None
+
+
+def _time_gpu(fn, reps=3, rounds=2):
+    """Best GPU time of fn() per call (events around reps calls queued behind a spin kernel,
+    so host-side launch costs stay out: graph replay removes them too)."""
+    global _spin
+    if _spin is None:
+        _spin = _Kernel("eltwise", "spin_wait", "q", (1,), (1,))
+    best = float("inf")
+    for _ in range(rounds):
+        e0, e1 = drv.Event(), drv.Event()
+        _spin(2_000_000)
+        e0.record(stream)
+        for _ in range(reps):
+            fn()
+        e1.record(stream)
+        e1.synchronize()
+        best = min(best, e1.time_since(e0) * 1e-3 / reps)
+    return best
+
+
+def _choose_conv(x, w, b, y, sy, sx, py, px, relu):
+    """The plan of one convolution shape: the own kernels' plan, or _CUDNN."""
+    route_key = (tuple(x.shape), tuple(w.shape), (sy, sx), (py, px), bool(relu))
+    cudnn = _cudnn_module()
+    if cudnn is not None and _route_mode == "cudnn":
+        _routes[route_key] = _CUDNN
+        return _CUDNN
+    plan = _conv_plan(x, w, b, y, sy, sx, py, px, relu)
+    route = "own"
+    if cudnn is not None:
+        try:
+            t_cudnn = _time_gpu(lambda: cudnn.conv2d(x, w, b, y, sy, sx, py, px, relu))
+        except Exception:          # cuDNN cannot run this shape: the own kernel can
+            t_cudnn = float("inf")
+        t_own = _time_gpu(lambda: _run_gemm(plan, x, w, b, y, relu))
+        if t_cudnn < t_own:
+            plan, route = _CUDNN, _CUDNN
+    _routes[route_key] = route
+    return plan
+
+
+def _cudnn_module_cached():
+    from . import cudnn
+    return cudnn
+
+
+def conv_route(x_shape, w_shape, stride_y, stride_x, pad_y, pad_x, relu):
+    """"cudnn" or "own": the implementation chosen for this convolution shape, or None
+    when the shape has not run yet."""
+    return _routes.get((tuple(map(int, x_shape)), tuple(map(int, w_shape)),
+                        (int(stride_y), int(stride_x)), (int(pad_y), int(pad_x)), bool(relu)))
+
+
 def conv2d(x, w, b, y, stride_y, stride_x, pad_y, pad_x, relu):
     """y (N,F,Ro,Co) = cross-correlation of x (N,K,R,C) with w (F,K,nr,nc),
     zero padding, + b (F,) if b is not None, then max(., 0) if relu.
-    Ro = 1 + (R + 2*pad_y - nr) // stride_y (same for columns)."""
+    Ro = 1 + (R + 2*pad_y - nr) // stride_y (same for columns).
+    Runs the own implicit-GEMM kernel or cuDNN, whichever was faster for the shape."""
     key = ("conv", x.shape, w.shape, y.shape, b is None, stride_y, stride_x, pad_y, pad_x, relu,
            y.gpudata.__int__() & 15)
     plan = _plans.get(key)
     if plan is None:
-        plan = _plans[key] = _conv_plan(x, w, b, y, int(stride_y), int(stride_x),
-                                        int(pad_y), int(pad_x), relu)
+        plan = _plans[key] = _choose_conv(x, w, b, y, int(stride_y), int(stride_x),
+                                          int(pad_y), int(pad_x), relu)
+    if plan is _CUDNN:
+        _cudnn_module_cached().conv2d(x, w, b, y, stride_y, stride_x, pad_y, pad_x, relu)
+        return
     if plan.S == 1:
         plan.main(x.gpudata, w.gpudata, _ptr(b), y.gpudata, *plan.args)
     else:
