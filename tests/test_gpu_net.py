@@ -128,7 +128,7 @@ def test_conv_routes_match_reference_and_are_reported(route):
         R.assert_close(net.forward(x), ref)          # graph replay
         info = dnn.backend_info(net)
         paths = {c["path"] for c in info["convolutions"]}
-        assert len(info["convolutions"]) == 13
+        assert len(info["convolutions"]) == 15
         if route == "own" or not info["cudnn"]:
             assert paths == {"own kernel"}
         elif route == "cudnn":
