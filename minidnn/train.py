@@ -231,43 +231,50 @@ _SOLVERS = {"sgd": sgd, "adam": adam}
 
 
 # ---------------------------------------------------------------------------- progress
-def _steps_without_decrease(values, probability_of_decrease=0.51):
-    """dlib's count_steps_without_decrease: the largest j such that a least-squares
-    line through the last j values is not decreasing with probability >= 0.51."""
-    y = np.asarray(values, np.float64)[::-1]
-    n = y.size
+def _steps_without_decrease(values, probability_of_decrease=0.51, keep=None):
+    """dlib's count_steps_without_decrease: the largest j such that a least-squares line
+    through the last j values does not decrease with probability >= 0.51. With ``keep``
+    (a mask over values), only the kept values enter the line (j still counts them all)."""
+    v = np.asarray(values, np.float64)
+    keep = np.ones(v.size, bool) if keep is None else np.asarray(keep, bool)
+    r = v[::-1][keep[::-1]]                 # newest first, as dlib walks them
+    n = r.size
     if n < 3:
         return 0
-    y = y - y.mean()
-    j = np.arange(1, n + 1, dtype=np.float64)
-    x = j - 1
-    sx, sy = np.cumsum(x), np.cumsum(y)
-    sxx, sxy, syy = np.cumsum(x * x), np.cumsum(x * y), np.cumsum(y * y)
+    r = r - r.mean()
+    m = np.arange(1, n + 1, dtype=np.float64)
+    x = m - 1
+    sx, sy = np.cumsum(x), np.cumsum(r)
+    sxx, sxy, syy = np.cumsum(x * x), np.cumsum(x * r), np.cumsum(r * r)
     with np.errstate(divide="ignore", invalid="ignore"):
-        vx = sxx - sx * sx / j
-        slope = (sxy - sx * sy / j) / vx
-        rss = np.maximum(syy - sy * sy / j - slope * slope * vx, 0.0)
-        se = np.sqrt(rss / (j - 2) / vx)
-        z = slope / se
-    z = np.where(se > 0, z, np.where(slope > 0, np.inf, -np.inf))
+        vx = sxx - sx * sx / m
+        slope = (sxy - sx * sy / m) / vx
+        rss = np.maximum(syy - sy * sy / m - slope * slope * vx, 0.0)
+        se = np.sqrt(rss / (m - 2) / vx)
+        z = np.where(se > 0, slope / se, np.where(slope > 0, np.inf, -np.inf))
     from scipy.special import ndtr
-    # reversed order: a positive slope here is a decrease in time
-    prob = ndtr(z[2:])
-    not_decreasing = np.flatnonzero(prob < probability_of_decrease)
-    return int(not_decreasing[-1] + 3) if not_decreasing.size else 0
+    # newest first: a positive slope here is a decrease in time
+    not_decreasing = ndtr(z) < probability_of_decrease
+    not_decreasing[:2] = False              # fewer than 3 values: no test
+    # at position j of the newest-first sequence, the line holds the kept values up to j
+    kept_so_far = np.cumsum(keep[::-1])
+    ok = kept_so_far >= 1
+    flag = np.zeros(v.size, bool)
+    flag[ok] = not_decreasing[kept_so_far[ok] - 1]
+    hits = np.flatnonzero(flag)
+    return int(hits[-1] + 1) if hits.size else 0
 
 
 def _steps_without_decrease_robust(values, probability_of_decrease=0.51, quantile_discard=0.10):
-    """dlib's robust variant: the same count after discarding the largest 10% of the
-    values (so that a few spikes cannot hide a plateau)."""
+    """dlib's robust variant: the same count, the largest 10% of the values left out of the
+    line (so that a few spikes cannot hide a plateau)."""
     v = np.asarray(values, np.float64)
     if v.size < 3:
         return 0
-    keep = int(math.floor(v.size * (1 - quantile_discard)))
-    if keep < v.size:
-        cutoff = np.partition(v, keep - 1)[keep - 1] if keep > 0 else -np.inf
-        v = v[v <= cutoff]
-    return _steps_without_decrease(v, probability_of_decrease)
+    q = int(math.floor(v.size * (1 - quantile_discard)))
+    q = min(max(q, 1), v.size)
+    cutoff = np.partition(v, q - 1)[q - 1]
+    return _steps_without_decrease(v, probability_of_decrease, keep=v <= cutoff)
 
 
 class _Progress:

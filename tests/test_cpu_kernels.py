@@ -342,3 +342,18 @@ def test_pool_bad_calls_raise():
 def test_set_num_threads_validates():
     with pytest.raises(ValueError):
         cpu.set_num_threads(0)
+
+
+def test_conv_cases_cover_every_task_plan():
+    """The conv cases above exercise each way conv2d cuts its work: sample
+    groups (G > 1, incl. the direct 1x1 path), pixel chunks, filter blocks."""
+    from minidnn import _cpu_conv
+    seen = set()
+    for nt in (1, 2, 3):
+        for N, K, R, C, F, nr, nc, sy, sx, py, px in CONV_CASES:
+            p = _cpu_conv._conv_plan((N, K, R, C), (F, K, nr, nc), sy, sx, py, px, nt)
+            assert p["tasks"] >= 1 and p["pw"] >= 1 and p["fw"] >= 1
+            direct = nr == nc == sy == sx == 1 and py == px == 0
+            seen |= {k for k, hit in (("group", p["G"] > 1), ("group-direct", p["G"] > 1 and direct),
+                                      ("chunks", p["n_pc"] > 1), ("filter-blocks", p["n_fb"] > 1)) if hit}
+    assert seen == {"group", "group-direct", "chunks", "filter-blocks"}

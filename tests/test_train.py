@@ -365,9 +365,10 @@ _SCRIPT = textwrap.dedent("""
     import minidnn as dnn
     from test_train import blobs, small_net, params, trainer_for
     sync, out, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    epochs = int(sys.argv[4]) if len(sys.argv) > 4 else 4
     x, y = blobs()
     net = small_net()
-    t = trainer_for(net, dnn.sgd(), max_num_epochs=4)
+    t = trainer_for(net, dnn.sgd(), max_num_epochs=epochs)
     t.set_synchronization_file(sync, interval_seconds=0)
     step = t.train_one_step
     def train_one_step(xb, yb):
@@ -402,5 +403,36 @@ def test_killed_training_resumes_where_it_left_off(tmp_path):
     assert r.returncode == 0, r.stderr
     with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
         assert a.files == b.files
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_training_killed_from_outside_resumes(tmp_path):
+    """SIGKILL at an arbitrary moment (maybe while a checkpoint is being written): the
+    file left behind is a whole checkpoint, and resuming from it gives the same net."""
+    import time
+    script = tmp_path / "train_script.py"
+    script.write_text(_SCRIPT.format(tests=os.path.join(ROOT, "tests")))
+    epochs = 60
+    r = _run(script, tmp_path / "a.sync", tmp_path / "a.npz", 0, epochs)
+    assert r.returncode == 0, r.stderr
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    sync = tmp_path / "b.sync"
+    p = subprocess.Popen([sys.executable, str(script), str(sync), str(tmp_path / "b.npz"), "0",
+                          str(epochs)], env=env, cwd=ROOT, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not sync.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    p.kill()
+    p.wait(timeout=60)
+    p.stderr.close()
+    if p.returncode == 0:
+        pytest.skip("the training finished before it could be killed")
+    assert p.returncode == -signal.SIGKILL
+    assert sync.exists() and not (tmp_path / "b.npz").exists()
+    r = _run(script, sync, tmp_path / "b.npz", 0, epochs)
+    assert r.returncode == 0, r.stderr
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
         for k in a.files:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
