@@ -37,7 +37,7 @@ import numpy as np
 
 from . import layers as _layers
 from . import ops
-from .core import Layer, LayerError, ShapeError, input_tensor_
+from .core import LayerError, ShapeError, input_tensor_
 
 _DECAYED = ("filters", "weights")       # the parameters weight decay applies to
 _SYNC_VERSION = 1
@@ -510,8 +510,17 @@ class dnn_trainer:
 
     # -- training ---------------------------------------------------------------
     def train_one_step(self, x, y):
-        """One solver step on the mini-batch (x, y) (y already checked: see train()).
+        """One solver step on the mini-batch x (N, K, R, C) float32 with labels y (as for
+        train()); the learning rate and its plateau schedule advance as in train().
         Returns the mini-batch loss."""
+        self._check_data(x, y)
+        if self._tape is None:
+            self._out_shape = self._setup(x)
+            self._tape = _Tape(self.net)
+        y = self.net.layer_details().check_labels(y, x.shape[0], self._out_shape)
+        return self._step(x, y)
+
+    def _step(self, x, y):
         tape = self._tape
         loss_layer = self.net.layer_details()
         out = tape.forward(np.ascontiguousarray(x))
@@ -554,7 +563,7 @@ class dnn_trainer:
         ``max_num_epochs`` epochs are done or the learning rate falls below
         ``min_learning_rate``. Returns self."""
         self._check_data(x, y)
-        out_shape = self._setup(x)
+        self._out_shape = out_shape = self._setup(x)
         n = x.shape[0]
         y = self.net.layer_details().check_labels(y, n, out_shape)
         self._tape = _Tape(self.net)
@@ -573,7 +582,7 @@ class dnn_trainer:
                 self._epoch_loss = [0.0, 0]
             while self._pos < n and self._learning_rate >= self._min_learning_rate:
                 idx = self._perm[self._pos:self._pos + mb]
-                self.train_one_step(x[idx], y[idx])
+                self._step(x[idx], y[idx])
                 self._pos += len(idx)
                 if progress:
                     progress.update(self.epoch, self._max_num_epochs, self._pos, n,
