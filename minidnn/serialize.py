@@ -472,7 +472,15 @@ def serialize(net, dest):
     if hasattr(dest, "write"):
         _encode(net, dest)
         return
-    path = os.fspath(dest)
+    atomic_write(dest, lambda f: _encode(net, f))
+
+
+def atomic_write(path, write):
+    """Write a file atomically: ``write(f)`` fills a temporary file in the same folder
+    (binary), which is flushed, fsync'ed and renamed over ``path``; the folder is
+    fsync'ed too. If anything fails, the previous file is untouched and the
+    temporary file removed."""
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
     while True:
@@ -484,7 +492,7 @@ def serialize(net, dest):
             continue
     try:
         with os.fdopen(fd, "wb") as f:
-            _encode(net, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         try:                        # keep the permissions of the file being replaced

@@ -29,7 +29,6 @@ import io
 import json
 import math
 import os
-import secrets
 import sys
 import time
 
@@ -38,6 +37,7 @@ import numpy as np
 from . import layers as _layers
 from . import ops
 from .core import LayerError, ShapeError, input_tensor_
+from .serialize import atomic_write
 
 _DECAYED = ("filters", "weights")       # the parameters weight decay applies to
 _SYNC_VERSION = 1
@@ -643,28 +643,7 @@ class dnn_trainer:
         for key, st in self.solver.state.items():
             for name, a in st.items():
                 arrays[f"solver/{key}/{name}"] = a
-        folder = os.path.dirname(os.path.abspath(path))
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        try:
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
     def _load_sync(self, path):
         from .serialize import deserialize
