@@ -259,6 +259,22 @@ def _read_bn(r):
     return _maybe_disable(l, disabled)
 
 
+def _write_bn_2(w, l):
+    _write_bn(w, l)
+    w.u32("num_updates", int(getattr(l, "num_updates", 0)))
+
+
+def _read_bn_2(r):
+    l = _read_bn(r)
+    n = r.u32("num_updates")
+    if n > l.running_stats_window_size:
+        raise SerializationError(f"num_updates is {n}: expected at most "
+                                 f"{l.running_stats_window_size} (the running-average window)")
+    if n:
+        l.num_updates = n
+    return l
+
+
 def _check_bn(l):
     arrays = [getattr(l, p) for p in _BN_PARAMS]
     _all_or_none(_BN_PARAMS, arrays)
@@ -359,7 +375,8 @@ register("input_tensor_1", input_tensor_, _write_input, _read_input)
 register("con_1", con_, _write_con, _read_con, _check_con)
 register("fc_1", fc_, _write_fc, _read_fc, _check_fc)
 register("relu_1", relu_, _write_flag_only, _flag_only_reader(relu_))
-register("bn_1", bn_, _write_bn, _read_bn, _check_bn)
+register("bn_1", bn_, None, _read_bn, _check_bn)              # older: no update count
+register("bn_2", bn_, _write_bn_2, _read_bn_2, _check_bn)
 register("affine_1", affine_, None, _read_affine_1, _check_affine)
 register("affine_2", affine_, _write_affine_2, _read_affine_2, _check_affine)
 register("max_pool_1", max_pool_, _write_pool, _pool_reader(max_pool_))
@@ -607,11 +624,3 @@ def deserialize(src):
 def load_with_info(src):
     """Like deserialize, but returns (net, format_version, record tags top first)."""
     return _decode(_read_all(src))
-
-
-# loss_mean_squared (minidnn/loss.py, added with training): a flag-only record like
-# loss_multiclass_log's.
-from .loss import loss_mean_squared_  # noqa: E402
-
-register("loss_mean_squared_1", loss_mean_squared_, _write_flag_only,
-         _flag_only_reader(loss_mean_squared_))

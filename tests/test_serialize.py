@@ -608,3 +608,30 @@ def test_cli_bad_file(tmp_path, cmd):
         assert len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
         assert not out.exists()
+
+
+# -- bn_2 (current) stores the running-average update count; bn_1 (older) still loads --------
+def _bn_payload(num_updates=None):
+    body = u8(0) + u8(0) + struct.pack("<d", 1e-5) + arr((2,), 0.5) + arr((2,), 0.25) \
+        + arr((2,), 0.0) + arr((2,), 1.0)
+    return body if num_updates is None else body + u32(num_updates)
+
+
+def test_bn_1_still_loads_and_is_written_back_as_bn_2():
+    net = dnn.deserialize(io.BytesIO(file_of([rec("bn_1", _bn_payload()), INPUT])))
+    l = net.layer_details()
+    assert isinstance(l, dnn.bn_) and getattr(l, "num_updates", 0) == 0
+    np.testing.assert_array_equal(l.gamma, [0.5, 0.5])
+    out = io.BytesIO()
+    dnn.serialize(net, out)
+    assert b"bn_2" in out.getvalue() and b"bn_1" not in out.getvalue()
+
+
+def test_bn_2_round_trips_the_update_count():
+    net = dnn.deserialize(io.BytesIO(file_of([rec("bn_2", _bn_payload(37)), INPUT])))
+    assert net.layer_details().num_updates == 37
+    out = io.BytesIO()
+    dnn.serialize(net, out)
+    assert dnn.deserialize(io.BytesIO(out.getvalue())).layer_details().num_updates == 37
+    with pytest.raises(dnn.SerializationError, match=r"layer<0> record 'bn_2'.*num_updates"):
+        dnn.deserialize(io.BytesIO(file_of([rec("bn_2", _bn_payload(101)), INPUT])))
