@@ -164,6 +164,44 @@ def cmd_fuse(args):
     return 0
 
 
+def cmd_bench(args):
+    """Median latency of a saved net (or the demo's net), unfused vs fused, on a device."""
+    import minidnn as dnn
+    try:
+        shape = tuple(int(v) for v in args.shape.split(","))
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"minidnn bench: --shape must be K,R,C (three positive integers), got {args.shape!r}",
+              file=sys.stderr)
+        return 2
+    if args.file:
+        try:
+            net = dnn.deserialize(args.file)
+        except (OSError, dnn.SerializationError) as e:
+            return _fail("bench", args.file, e)
+    else:
+        net = demo_net()
+    x = np.random.default_rng(0).standard_normal((args.batch,) + shape).astype(np.float32)
+    try:
+        net.forward(x)                                   # setup (parameters of a new net)
+        if args.device != "cpu":
+            net.to(args.device)
+        rows = [("unfused", _median_ms(net.forward, x, args.repeat))]
+        dnn.fuse(net)
+        if args.device != "cpu":
+            net.to(args.device)
+        rows.append(("fused", _median_ms(net.forward, x, args.repeat)))
+    except (ValueError, RuntimeError, MemoryError) as e:
+        print(f"minidnn bench: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.file or 'demo net'} on {args.device}, input {x.shape}, median of {args.repeat}:")
+    for name, ms in rows:
+        print(f"  {name:8s} {ms:9.3f} ms")
+    print(f"  fused is {rows[0][1] / rows[1][1]:.2f}x the speed of unfused")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m minidnn", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -182,6 +220,14 @@ def main(argv=None):
     f.add_argument("input")
     f.add_argument("output")
     f.set_defaults(fn=cmd_fuse)
+    b = sub.add_parser("bench", help="median latency of a saved network (or the demo's), "
+                                     "unfused vs fused")
+    b.add_argument("file", nargs="?", help="a saved network (default: the demo's 1x8x8 CNN)")
+    b.add_argument("--shape", default="1,8,8", help="input K,R,C (default 1,8,8)")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--repeat", type=int, default=50)
+    b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    b.set_defaults(fn=cmd_bench)
     args = p.parse_args(argv)
     return args.fn(args)
 
