@@ -438,7 +438,8 @@ def main():
                       f"{'-' if ratio is None else f'{ratio:.2f}'} | {quiet}{' (noisy)' if noisy else ''} |",
                       flush=True)
 
-    out = dict(machine=machine(), versions=versions(), threads=nt,
+    env = {k: os.environ.get(k) for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    out = dict(machine=machine(), versions=versions(), threads=nt, openmp_env=env,
                date=time.strftime("%Y-%m-%d %H:%M:%S"),
                method=("each engine in its own process; median ms per forward over interleaved windows "
                        "in which other processes used < 10% CPU; vs_best_peer = best peer ms / engine ms; "
