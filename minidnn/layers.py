@@ -524,22 +524,29 @@ class softmax_(Layer):
 
 
 
-class tag_(Layer):
-    """WHAT THIS OBJECT REPRESENTS: an identity marker (tagN) that skipN and
-    add_prevN above it refer to. Costs nothing."""
+class _numbered(Layer):
+    """Base of tagN, skipN and add_prevN: a structural layer with a number 1..10 that is
+    never disabled."""
 
-    kind = "tag"
+    prefix = ""
 
     def __init__(self, id):
         super().__init__()
-        self.id = _pos_int("tag", "id", id)
+        self.id = _pos_int(self.prefix, "id", id)
 
     @property
     def kind(self):
-        return f"tag{self.id}"
+        return f"{self.prefix}{self.id}"
 
     def disable(self):
-        raise ValueError(f"tag{self.id}: a tag cannot be disabled")
+        raise ValueError(f"{self.kind}: {self.prefix} layers cannot be disabled")
+
+
+class tag_(_numbered):
+    """WHAT THIS OBJECT REPRESENTS: an identity marker (tagN) that skipN and
+    add_prevN above it refer to. Costs nothing."""
+
+    prefix = "tag"
 
     def build(self, plan, x):
         plan.tags[self.id] = x
@@ -556,20 +563,11 @@ class tag_(Layer):
 
 
 
-class skip_(Layer):
+class skip_(_numbered):
     """WHAT THIS OBJECT REPRESENTS: output = the output of the nearest tagN below
     (its input is ignored). Costs nothing."""
 
-    def __init__(self, id):
-        super().__init__()
-        self.id = _pos_int("skip", "id", id)
-
-    @property
-    def kind(self):
-        return f"skip{self.id}"
-
-    def disable(self):
-        raise ValueError(f"skip{self.id}: a skip cannot be disabled")
+    prefix = "skip"
 
     def build(self, plan, x):
         t = plan.tags.get(self.id)
@@ -591,20 +589,11 @@ class skip_(Layer):
 
 
 
-class add_prev_(Layer):
+class add_prev_(_numbered):
     """WHAT THIS OBJECT REPRESENTS: output = input + the output of the nearest tagN
     below; both must have the same shape (N, K, R, C)."""
 
-    def __init__(self, id):
-        super().__init__()
-        self.id = _pos_int("add_prev", "id", id)
-
-    @property
-    def kind(self):
-        return f"add_prev{self.id}"
-
-    def disable(self):
-        raise ValueError(f"add_prev{self.id}: an add_prev cannot be disabled")
+    prefix = "add_prev"
 
     def build(self, plan, x):
         t = plan.tags.get(self.id)
