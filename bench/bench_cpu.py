@@ -2,6 +2,13 @@
 ONNX Runtime, same thread count, three nets, batch 1 and a large batch.
 
     python bench/bench_cpu.py [--threads N] [--quick] [--out bench/results/cpu.json]
+    python bench/bench_cpu.py --convs-only      # just the per-shape conv table
+
+Before the nets, a per-shape table times every distinct convolution of the
+three nets (at their large batch, and batch 1) through each of conv2d's two
+paths, forced: "blas" (im2col + OpenBLAS sgemm) and "implicit" (our packed
+GEMM, kernels/cpu/gemm_avx2.h), with the path conv2d picks by itself marked,
+against OpenBLAS sgemm 2048^3 at the same thread count.
 
 Nets (built with minidnn's dlib-style factories; PyTorch gets the same
 architecture and minidnn's parameters, ONNX Runtime the PyTorch export):
@@ -378,12 +385,86 @@ def _engine(engine, name, batch, nt):
     raise ValueError(engine)
 
 
+# (name, K, R, F, k, stride, pad): every distinct conv of the three nets
+CONV_SHAPES = {
+    "lenet": [("con5 1>6", 1, 28, 6, 5, 1, 0), ("con5 6>16", 6, 12, 16, 5, 1, 0)],
+    "cifar_resnet": [("stem 3>32", 3, 32, 32, 3, 1, 1), ("3x3 32", 32, 32, 32, 3, 1, 1),
+                     ("3x3/2 32>64", 32, 32, 64, 3, 2, 1), ("1x1/2 32>64", 32, 32, 64, 1, 2, 0),
+                     ("3x3 64", 64, 16, 64, 3, 1, 1), ("3x3/2 64>128", 64, 16, 128, 3, 2, 1),
+                     ("1x1/2 64>128", 64, 16, 128, 1, 2, 0), ("3x3 128", 128, 8, 128, 3, 1, 1)],
+    "resnet18": [("stem 7x7/2 3>64", 3, 224, 64, 7, 2, 3), ("3x3 64", 64, 56, 64, 3, 1, 1),
+                 ("3x3/2 64>128", 64, 56, 128, 3, 2, 1), ("1x1/2 64>128", 64, 56, 128, 1, 2, 0),
+                 ("3x3 128", 128, 28, 128, 3, 1, 1), ("3x3/2 128>256", 128, 28, 256, 3, 2, 1),
+                 ("1x1/2 128>256", 128, 28, 256, 1, 2, 0), ("3x3 256", 256, 14, 256, 3, 1, 1),
+                 ("3x3/2 256>512", 256, 14, 512, 3, 2, 1), ("1x1/2 256>512", 256, 14, 512, 1, 2, 0),
+                 ("3x3 512", 512, 7, 512, 3, 1, 1)],
+}
+
+
+def sgemm_gflops(nt, n=2048, reps=5):
+    """OpenBLAS (scipy's) sgemm n^3 at nt threads: best of reps, GFLOP/s."""
+    from scipy.linalg.blas import sgemm
+    from threadpoolctl import threadpool_limits
+    a = np.asfortranarray(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
+    with threadpool_limits(limits=nt, user_api="blas"):
+        sgemm(1.0, a, a)
+        best = min(_timed(lambda: sgemm(1.0, a, a)) for _ in range(reps))
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def conv_table(nt, nets, reps):
+    """Per-shape conv GFLOP/s through each path (best of reps interleaved windows)."""
+    from minidnn import _cpu_conv
+    cpu_backend.set_num_threads(nt)
+    rng = np.random.default_rng(0)
+    rows = []
+    print("| net | conv | batch | blas GFLOP/s | implicit GFLOP/s | implicit/blas | auto picks |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    for net in nets:
+        for batch in (NETS[net][2], 1):
+            for name, K, R, F, k, s, p in CONV_SHAPES[net]:
+                x = rng.standard_normal((batch, K, R, R)).astype(np.float32)
+                w = (rng.standard_normal((F, K, k, k)) * 0.1).astype(np.float32)
+                b = rng.standard_normal(F).astype(np.float32)
+                Ro = 1 + (R + 2 * p - k) // s
+                y = np.empty((batch, F, Ro, Ro), np.float32)
+                fl = 2.0 * batch * F * Ro * Ro * K * k * k
+                inner = max(1, int(0.05e9 / fl))
+                best = {}
+                for _ in range(reps):
+                    for path in ("blas", "implicit"):
+                        old = _cpu_conv._set_conv_path(path)
+                        try:
+                            cpu_backend.conv2d(x, w, b, y, s, s, p, p, True)
+                            t = _timed(lambda: [cpu_backend.conv2d(x, w, b, y, s, s, p, p, True)
+                                                for _ in range(inner)]) / inner
+                        finally:
+                            _cpu_conv._set_conv_path(old)
+                        best[path] = min(best.get(path, 1e9), t)
+                auto = _cpu_conv._conv_path_for(x.shape, w.shape, s, s, p, p)
+                g = {path: fl / t / 1e9 for path, t in best.items()}
+                rows.append(dict(net=net, conv=name, batch=batch, x=list(x.shape), w=list(w.shape),
+                                 stride=s, pad=p, blas_gflops=g["blas"], implicit_gflops=g["implicit"],
+                                 auto=auto, auto_gflops=g[auto]))
+                print(f"| {net} | {name} | {batch} | {g['blas']:.1f} | {g['implicit']:.1f} | "
+                      f"{g['implicit'] / g['blas']:.2f} | {auto} |", flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--nets", default=",".join(NETS))
     ap.add_argument("--quick", action="store_true", help="fewer windows (a smoke run)")
     ap.add_argument("--no-peers", action="store_true", help="minidnn only")
+    ap.add_argument("--no-convs", action="store_true", help="skip the per-shape conv table")
+    ap.add_argument("--convs-only", action="store_true", help="only the per-shape conv table")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                    "results", "cpu.json"))
     args = ap.parse_args()
@@ -401,6 +482,15 @@ def main():
             except ImportError:
                 print(f"{mod} not importable: {eng} skipped")
     peers = [e for e in engines if not e.startswith("minidnn")]
+
+    conv_rows, sgemm = [], None
+    if not args.no_convs:
+        sgemm = sgemm_gflops(nt)
+        print(f"OpenBLAS sgemm 2048^3 at {nt} threads: {sgemm:.1f} GFLOP/s")
+        conv_rows = conv_table(nt, args.nets.split(","), 3 if args.quick else 5)
+        print()
+        if args.convs_only:
+            return
 
     rows = []
     print(f"threads: {nt}   machine: {machine().get('Model name', '?')}   engines in separate processes")
@@ -444,7 +534,7 @@ def main():
                method=("each engine in its own process; median ms per forward over interleaved windows "
                        "in which other processes used < 10% CPU; vs_best_peer = best peer ms / engine ms; "
                        "GFLOP/s = 2*MACs of conv+fc"),
-               results=rows)
+               sgemm_2048_gflops=sgemm, convs=conv_rows, results=rows)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

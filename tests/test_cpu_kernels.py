@@ -97,10 +97,21 @@ CONV_CASES = [
 ]
 
 
+@pytest.fixture(params=["auto", "blas", "implicit"], ids=lambda p: "path=" + p)
+def conv_path(request):
+    """Run a conv test with conv2d's own choice of path and with each path
+    forced: im2col + OpenBLAS sgemm ("blas"), our packed implicit GEMM
+    (kernels/cpu/gemm_avx2.h, "implicit")."""
+    from minidnn import _cpu_conv
+    old = _cpu_conv._set_conv_path(request.param)
+    yield request.param
+    _cpu_conv._set_conv_path(old)
+
+
 @pytest.mark.parametrize("case", CONV_CASES, ids=[str(c) for c in CONV_CASES])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
-def test_conv2d(case, bias, relu, threads):
+def test_conv2d(case, bias, relu, threads, conv_path):
     N, K, R, C, F, nr, nc, sy, sx, py, px = case
     x, w = rand(N, K, R, C), rand(F, K, nr, nc)
     b = rand(F) if bias else None
@@ -116,6 +127,176 @@ def test_conv2d_repeat_reuses_workspace():
     cpu.conv2d(x, w, b, y1, 1, 1, 1, 1, True)
     cpu.conv2d(x, w, b, y2, 1, 1, 1, 1, True)
     np.testing.assert_array_equal(y1, y2)
+
+
+# Implicit-GEMM edge cases (micro-tile MR=6 filters x NR=16 pixels, K blocks
+# of <= 256 rows): every remainder of F mod 6 (and the 7/8/9-row merge),
+# every remainder of the N*P columns mod 16, K = KRS spanning 1-3 blocks
+# with ragged ends, tiles that straddle samples (P < 16 and P not a multiple
+# of 16), strides 1-3, padding, batch 1 and > 1.
+# (N, K, R, C, F, nr, nc, sy, sx, py, px)
+IG_CASES = (
+    [(1, 2, 4, 4 + q, 1 + q % 6, 3, 3, 1, 1, 1, 1) for q in range(16)]      # every N*P mod 16, F mod 6
+    + [(2, 3, 5, 3, F, 3, 3, 1, 1, 1, 1) for F in (6, 7, 8, 9, 10, 11, 12, 13, 17)]
+    + [(3, 29, 6, 5, 7, 3, 3, 1, 1, 1, 1),     # KRS = 261: two K blocks, ragged
+       (2, 57, 5, 4, 5, 3, 3, 2, 1, 1, 0),     # KRS = 513: three K blocks
+       (2, 300, 3, 3, 13, 1, 1, 1, 1, 0, 0),   # 1x1, KRS = 300
+       (7, 4, 2, 2, 6, 1, 1, 1, 1, 0, 0),      # P = 4: four samples per tile
+       (5, 3, 7, 7, 8, 3, 3, 1, 1, 1, 1),      # P = 49: straddling tiles
+       (3, 6, 23, 21, 9, 3, 3, 2, 2, 1, 1),    # stride 2, odd sizes
+       (2, 5, 40, 37, 11, 1, 1, 2, 2, 0, 0),   # 1x1 stride 2: the sx == 2 fast path
+       (2, 4, 35, 34, 10, 3, 3, 3, 3, 1, 2),   # stride 3
+       (1, 3, 20, 33, 6, 3, 4, 1, 2, 2, 1),    # mixed strides, non-square kernel
+       (2, 5, 9, 40, 7, 5, 5, 2, 1, 2, 2),     # stride (2, 1)
+       (1, 2, 38, 38, 5, 7, 7, 2, 2, 3, 3),    # stem-like
+       (1, 6, 4, 4, 3, 4, 4, 1, 1, 0, 0),      # kernel == input: one column
+       (3, 1, 28, 28, 6, 5, 5, 1, 1, 0, 0)]    # LeNet conv1
+    # stride 1 with Co % 8 == 0 and P % 16 == 0: the padded-rows variant
+    + [(3, 5, 16, 16, 13, 3, 3, 1, 1, 1, 1),   # Co = 16: a tile is one row
+       (2, 40, 8, 8, 7, 3, 3, 1, 1, 1, 1),     # Co = 8: two rows per tile; KRS = 360: two K blocks
+       (2, 57, 8, 8, 5, 3, 3, 1, 1, 1, 1),     # KRS = 513: three K blocks
+       (2, 3, 10, 24, 9, 3, 3, 1, 1, 1, 1),    # Co = 24: tiles cross rows at 8
+       (1, 6, 12, 12, 16, 5, 5, 1, 1, 0, 0),   # LeNet conv2 (Co = 8, no pad)
+       (2, 2, 12, 40, 11, 5, 3, 1, 1, 2, 1),   # non-square kernel, pads 2/1
+       (3, 4, 16, 16, 1, 1, 1, 1, 1, 0, 0),    # 1x1, one filter
+       (2, 3, 5, 18, 6, 2, 3, 1, 1, 0, 0),     # pad 0, even kernel, Co = 16, P = 64
+       # ... and strided: the buffer rows split into sx column phases
+       (2, 5, 16, 16, 7, 3, 3, 2, 2, 1, 1),    # 3x3/2, Co = 8
+       (2, 6, 17, 17, 5, 3, 3, 2, 2, 1, 1),    # odd input
+       (2, 3, 38, 38, 13, 7, 7, 2, 2, 3, 3),   # ResNet stem-like, Co = 16
+       (2, 3, 25, 48, 6, 3, 3, 3, 3, 1, 1),    # stride 3, Co = 16
+       (1, 3, 15, 16, 8, 2, 2, 2, 2, 0, 0),    # 2x2/2, no pad
+       (2, 4, 9, 31, 11, 3, 3, 1, 2, 1, 1),    # stride (1, 2), Co = 16
+       (1, 40, 16, 16, 7, 3, 3, 2, 2, 1, 1)]   # KRS = 360: two K blocks
+)
+
+
+@pytest.mark.parametrize("case", IG_CASES, ids=[str(c) for c in IG_CASES])
+@pytest.mark.parametrize("bias,relu", [(False, False), (True, True), (True, False)],
+                         ids=["nobias-linear", "bias-relu", "bias-linear"])
+@pytest.mark.parametrize("nt", [1, 2, 3], ids=["threads=1", "threads=2", "threads=3"])
+@pytest.mark.parametrize("direct", [True, False], ids=["padded-rows", "packed"])
+def test_conv2d_implicit_edges(case, bias, relu, nt, direct):
+    from minidnn import _cpu_conv
+    N, K, R, C, F, nr, nc, sy, sx, py, px = case
+    x, w = rand(N, K, R, C), rand(F, K, nr, nc)
+    b = rand(F) if bias else None
+    y = np.full((N, F, out_size(R, nr, sy, py), out_size(C, nc, sx, px)), np.nan, np.float32)
+    old, old_nt = _cpu_conv._set_conv_path("implicit"), cpu.get_num_threads()
+    old_direct = _cpu_conv._set_direct(direct)
+    cpu.set_num_threads(nt)
+    try:
+        cpu.conv2d(x, w, b, y, sy, sx, py, px, relu)
+    finally:
+        _cpu_conv._set_conv_path(old)
+        _cpu_conv._set_direct(old_direct)
+        cpu.set_num_threads(old_nt)
+    assert_close(y, ref_conv2d(x, w, b, sy, sx, py, px, relu))
+
+
+def _guarded(shape):
+    """A float32 array of this shape that ends exactly where an unreadable
+    page begins (reading one element past it would crash the process)."""
+    import ctypes
+    import mmap
+    n = int(np.prod(shape)) * 4
+    page = mmap.PAGESIZE
+    size = (n + page - 1) // page * page
+    buf = mmap.mmap(-1, size + page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if libc.mprotect(ctypes.c_void_p(base + size), page, 0) != 0:
+        pytest.skip("mprotect is not available")
+    a = np.frombuffer(buf, dtype=np.float32, count=n // 4, offset=size - n).reshape(shape)
+    return a, buf
+
+
+@pytest.mark.parametrize("case", [(1, 2, 8, 16, 4, 1, 1, 2, 2, 0, 0),    # sx == 2 reads
+                                  (1, 2, 6, 33, 4, 3, 3, 2, 2, 0, 0),
+                                  (2, 3, 5, 17, 5, 3, 3, 1, 1, 1, 1),
+                                  (1, 1, 9, 20, 3, 2, 3, 3, 3, 0, 1),
+                                  (2, 3, 8, 8, 5, 3, 3, 1, 1, 1, 1),      # padded rows, Co = 8
+                                  (1, 2, 12, 12, 4, 5, 5, 1, 1, 0, 0)],
+                         ids=str)
+@pytest.mark.parametrize("direct", [True, False], ids=["padded-rows", "packed"])
+def test_conv2d_implicit_never_reads_past_the_image(case, direct):
+    from minidnn import _cpu_conv
+    N, K, R, C, F, nr, nc, sy, sx, py, px = case
+    x, buf = _guarded((N, K, R, C))
+    x[...] = rand(N, K, R, C)
+    w, b = rand(F, K, nr, nc), rand(F)
+    y = np.empty((N, F, out_size(R, nr, sy, py), out_size(C, nc, sx, px)), np.float32)
+    old = _cpu_conv._set_conv_path("implicit")
+    old_direct = _cpu_conv._set_direct(direct)
+    try:
+        cpu.conv2d(x, w, b, y, sy, sx, py, px, True)
+    finally:
+        _cpu_conv._set_conv_path(old)
+        _cpu_conv._set_direct(old_direct)
+    assert_close(y, ref_conv2d(x, w, b, sy, sx, py, px, True))
+    del x
+
+
+def test_conv2d_paths_agree_on_resnet_shapes():
+    """The two paths on the shapes the benchmarks run (smaller batch)."""
+    from minidnn import _cpu_conv
+    for (K, R, F, k, s, p) in [(3, 32, 32, 3, 1, 1), (32, 16, 64, 3, 2, 1), (32, 16, 64, 1, 2, 0),
+                               (64, 8, 128, 3, 1, 1), (128, 7, 128, 3, 1, 1), (64, 14, 128, 1, 2, 0)]:
+        x, w, b = rand(3, K, R, R), rand(F, K, k, k, scale=0.1), rand(F)
+        Ro = out_size(R, k, s, p)
+        ys = {}
+        for path in ("blas", "implicit"):
+            old = _cpu_conv._set_conv_path(path)
+            try:
+                ys[path] = np.empty((3, F, Ro, Ro), np.float32)
+                cpu.conv2d(x, w, b, ys[path], s, s, p, p, True)
+            finally:
+                _cpu_conv._set_conv_path(old)
+        assert_close(ys["implicit"], ys["blas"].astype(np.float64))
+
+
+def test_conv2d_implicit_plan_is_even():
+    """Column chunks are whole 16-column tiles, cover every column once and
+    differ by at most one tile; tasks never exceed the workspace."""
+    from minidnn import _cpu_conv
+    for x_shape, w_shape, s, p in [((64, 32, 32, 32), (32, 32, 3, 3), 1, 1),
+                                   ((16, 512, 7, 7), (512, 512, 3, 3), 1, 1),
+                                   ((1, 512, 7, 7), (512, 512, 3, 3), 1, 1),
+                                   ((3, 5, 6, 6), (7, 5, 3, 3), 1, 1)]:
+        for nt in (1, 2, 3):
+            g = _cpu_conv._ig_plan_for(x_shape, w_shape, s, s, p, p, nt)
+            T, n = g["T"], g["n_cc"]
+            sizes = [(c + 1) * T // n - c * T // n for c in range(n)]
+            assert sum(sizes) == T and max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+            assert max(sizes) * 16 <= g["ncw"]
+            assert g["fw"] * g["n_fb"] >= w_shape[0] and g["tasks"] == n * g["n_fb"]
+
+
+def test_conv2d_implicit_cases_cover_both_variants():
+    from minidnn import _cpu_conv
+    seen = set()
+    for N, K, R, C, F, nr, nc, sy, sx, py, px in IG_CASES:
+        g = _cpu_conv._ig_plan_for((N, K, R, C), (F, K, nr, nc), sy, sx, py, px, 2)
+        seen.add(g["direct"])
+        if g["direct"] and _cpu_conv._have_avx2():
+            assert out_size(C, nc, sx, px) % 8 == 0 and (sy == sx == 1 or nr * nc >= 4)
+    assert seen == ({True, False} if _cpu_conv._have_avx2() else {False})
+
+
+def test_conv2d_path_rule():
+    from minidnn import _cpu_conv
+    if not _cpu_conv._have_avx2():
+        assert _cpu_conv._conv_path_for((64, 32, 32, 32), (32, 32, 3, 3), 1, 1, 1, 1) == "blas"
+        return
+    assert _cpu_conv._conv_path_for((64, 32, 32, 32), (32, 32, 3, 3), 1, 1, 1, 1) == "implicit"
+    assert _cpu_conv._conv_path_for((64, 3, 32, 32), (32, 3, 3, 3), 1, 1, 1, 1) == "implicit"
+    # batch 1 at 7x7: 49 of 64 tile columns useful -> OpenBLAS
+    assert _cpu_conv._conv_path_for((1, 512, 7, 7), (512, 512, 3, 3), 1, 1, 1, 1) == "blas"
+    # strided, output rows narrower than 8 -> OpenBLAS
+    assert _cpu_conv._conv_path_for((16, 256, 14, 14), (512, 256, 1, 1), 2, 2, 0, 0) == "blas"
+    assert _cpu_conv._conv_path_for((16, 256, 14, 14), (512, 256, 3, 3), 2, 2, 1, 1) == "blas"
+    assert _cpu_conv._conv_path_for((16, 64, 16, 16), (128, 64, 1, 1), 2, 2, 0, 0) == "implicit"
 
 
 def test_conv2d_batch_zero():

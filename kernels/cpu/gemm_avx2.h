@@ -1,0 +1,566 @@
+/* Implicit-GEMM convolution: a BLIS-style GEMM with a register-blocked
+ * AVX2/FMA micro-kernel whose B operand comes straight from the image (no
+ * materialised im2col matrix).
+ *
+ *   y[n] (F x P) = W (F x KRS) * col(x[n]) (KRS x P), then + b[f], max(0, .)
+ *
+ * The columns of the GEMM are the flattened output pixels of all samples,
+ * q = n*P + p (0 <= q < N*P), so small images (P = 49, 64) still give wide
+ * panels. The micro-tile is MDNN_MR = 6 filters x MDNN_NR = 16 pixels
+ * (12 ymm accumulators, 2 loads of B and 6 broadcasts of W per step):
+ *   - A (filters) is read in place from W (row-major F x KRS): each step
+ *     broadcasts one weight of each of the tile's rows (measured: packing W
+ *     was 5-10% slower on the reference machine).
+ *   - B (pixels), two ways:
+ *       packed (mdnn_conv_task): each thread packs kc x ncols of col(x) into
+ *         slivers of NR columns (dst[s*kc*NR + k*NR + (0..NR-1)]), and
+ *       padded rows (mdnn_conv_task_direct): when every 8 output pixels of a
+ *         tile lie in one output row (Co % 8 == 0), the input rows a chunk
+ *         needs are copied once into a zero-padded buffer and the kernel reads
+ *         B from there through a table of row offsets (no per-tap copies).
+ *   - the result is stored along pixels (contiguous in y), with the bias and
+ *     ReLU applied in the store of the last K block (epilogue); tiles that
+ *     straddle samples or the ragged end go through a scratch tile.
+ * Without AVX2+FMA a portable C micro-kernel is used for the packed variant
+ * (conv2d then prefers OpenBLAS; the tests force this path anyway).
+ *
+ * Loop nest of one task (a range of columns x a range of filters):
+ *   for K block (kc <= mdnn_kc):  pack B (kc x ncols)          [L2]
+ *     for filter block (<= mdnn_mc rows)                        [W rows in L2]
+ *       for tile of NR columns                                  [B sliver in L1]
+ *         for tile of <= MR filters: micro-kernel
+ */
+#ifndef MINIDNN_GEMM_AVX2_H
+#define MINIDNN_GEMM_AVX2_H
+
+#include <string.h>
+#include <stddef.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MDNN_HAVE_AVX2 1
+#else
+#define MDNN_HAVE_AVX2 0
+#endif
+
+#define MDNN_MR 6
+#define MDNN_NR 16
+#define MDNN_KC 512      /* max K block */
+#define MDNN_MC 240      /* max filter block */
+
+typedef struct {
+    const float* x;     /* (N, K, R, C) */
+    const float* w;     /* (F, K, nr, nc) = (F, KRS) row-major */
+    const float* b;     /* (F,) or NULL */
+    float* y;           /* (N, F, Ro, Co) */
+    int N, K, R, C, F, nr, nc, sy, sx, py, px, Ro, Co, P, KRS;
+    int relu;
+} mdnn_conv_t;
+
+static int mdnn_kc = 320;   /* tuning knobs (<= the compile-time maxima) */
+static int mdnn_mc = 120;
+static inline int mdnn_have_avx2(void) { return MDNN_HAVE_AVX2; }
+
+/* ------------------------------------------------------------- packing B */
+
+/* d[u] = src[(a0+u)*sx] for u < len where lo <= a0+u < hi, else 0
+ * (src == NULL: all zero). len <= room <= NR; d[len..room) may be
+ * overwritten with anything (the caller writes those columns later). */
+static inline void mdnn_copy_piece(float* d, const float* src, int a0, int len,
+                                   int lo, int hi, int sx, int room)
+{
+#if MDNN_HAVE_AVX2
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    int c;
+    for (c = 0; c < len; c += 8) {
+        __m256 v;
+        if (src == NULL) {
+            v = _mm256_setzero_ps();
+        } else if (a0 + c >= lo && a0 + c + 8 <= hi && sx == 1) {
+            v = _mm256_loadu_ps(src + a0 + c);
+        } else if (sx == 1) {
+            /* masked lanes are never read: no fault past the image */
+            __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(a0 + c), lane);
+            __m256i m = _mm256_and_si256(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(lo - 1)),
+                                         _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), idx));
+            v = _mm256_maskload_ps(src + a0 + c, m);
+        } else if (sx == 2) {
+            /* 16 consecutive inputs, keep the even ones */
+            const float* sp = src + 2 * (a0 + c);
+            __m256 L, H, S;
+            if (a0 + c >= lo && a0 + c + 8 <= hi) {
+                L = _mm256_loadu_ps(sp);   /* sp[15] (odd, unused) may lie past the image */
+                H = _mm256_maskload_ps(sp + 8, _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, -1, 0));
+            } else {
+                const __m256i half = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+                const __m256i even = _mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0);
+                __m256i lo1 = _mm256_set1_epi32(lo - 1), hiv = _mm256_set1_epi32(hi);
+                __m256i i0 = _mm256_add_epi32(_mm256_set1_epi32(a0 + c), half);
+                __m256i i1 = _mm256_add_epi32(_mm256_set1_epi32(a0 + c + 4), half);
+                __m256i m0 = _mm256_and_si256(even, _mm256_and_si256(
+                    _mm256_cmpgt_epi32(i0, lo1), _mm256_cmpgt_epi32(hiv, i0)));
+                __m256i m1 = _mm256_and_si256(even, _mm256_and_si256(
+                    _mm256_cmpgt_epi32(i1, lo1), _mm256_cmpgt_epi32(hiv, i1)));
+                L = _mm256_maskload_ps(sp, m0);
+                H = _mm256_maskload_ps(sp + 8, m1);
+            }
+            S = _mm256_shuffle_ps(L, H, _MM_SHUFFLE(2, 0, 2, 0));
+            v = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(S),
+                                                       _MM_SHUFFLE(3, 1, 2, 0)));
+        } else {
+            float tmp[8];
+            int u;
+            for (u = 0; u < 8; u++) {
+                int ix = a0 + c + u;
+                tmp[u] = (ix >= lo && ix < hi) ? src[(long)ix * sx] : 0.0f;
+            }
+            v = _mm256_loadu_ps(tmp);
+        }
+        if (room - c >= 8)
+            _mm256_storeu_ps(d + c, v);
+        else
+            _mm256_maskstore_ps(d + c, _mm256_cmpgt_epi32(_mm256_set1_epi32(len - c), lane), v);
+    }
+#else
+    int u;
+    (void)room;
+    for (u = 0; u < len; u++) {
+        int ix = a0 + u;
+        d[u] = (src != NULL && ix >= lo && ix < hi) ? src[(long)ix * sx] : 0.0f;
+    }
+#endif
+}
+
+/* Pack rows k0..k0+kc-1 of the implicit im2col matrix, columns
+ * q0..q0+ncols-1 (flattened (n, p)), into NR-wide slivers at dst
+ * (ceil(ncols/NR) * kc * NR floats; the tail of the last sliver is zero).
+ * Loop order: pieces (a run of one output row inside one sliver) outside,
+ * the kc rows inside, so the inner loop is a few loads and stores with the
+ * per-row offsets read from small tables. */
+static __attribute__((noinline)) void mdnn_pack_b(const mdnn_conv_t* c, long q0, int ncols,
+                                                  int k0, int kc, float* dst)
+{
+    const int P = c->P, Co = c->Co, R = c->R, C = c->C, sx = c->sx, sy = c->sy;
+    const int nrc = c->nr * c->nc;
+    const long xs = (long)c->K * R * C;
+    int off[MDNN_KC], ki[MDNN_KC], klo[MDNN_KC], khi[MDNN_KC];
+    int kk;
+    int nsl = (ncols + MDNN_NR - 1) / MDNN_NR;
+    long q = q0, qe = q0 + ncols;
+    int n, p, oy, ox, t = 0;
+    for (kk = 0; kk < kc; kk++) {
+        int k = k0 + kk;
+        int ch = k / nrc, rem = k - ch * nrc;
+        int i = rem / c->nc, j = rem - i * c->nc;
+        int lo = c->px - j > 0 ? (c->px - j + sx - 1) / sx : 0;
+        int hi = (C - 1 + c->px - j) >= 0 ? (C - 1 + c->px - j) / sx + 1 : 0;
+        if (hi > Co) hi = Co;
+        if (hi < lo) hi = lo;
+        /* valid ox for this j: lo <= ox < hi (0 <= ox*sx - px + j < C) */
+        off[kk] = (ch * R + i) * C - c->px + j;
+        ki[kk] = i;
+        klo[kk] = lo;
+        khi[kk] = hi;
+    }
+    n = (int)(q / P);
+    p = (int)(q - (long)n * P);
+    oy = p / Co;
+    ox = p - oy * Co;
+    while (q < qe) {
+        int seg = Co - ox, done = 0;
+        int iy0 = oy * sy - c->py;
+        const float* xb = c->x + n * xs + (long)iy0 * C;
+        if (seg > qe - q) seg = (int)(qe - q);
+        while (done < seg) {
+            int s = t / MDNN_NR, o = t - s * MDNN_NR;
+            int len = MDNN_NR - o, a0 = ox + done;
+            float* d = dst + (long)s * kc * MDNN_NR + o;
+            if (len > seg - done) len = seg - done;
+            for (kk = 0; kk < kc; kk++, d += MDNN_NR) {
+                int iy = iy0 + ki[kk];
+                const float* src = (iy >= 0 && iy < R) ? xb + off[kk] : NULL;
+#if MDNN_HAVE_AVX2
+                if (src != NULL && sx == 1 && len <= 8 && o <= 8 && a0 >= klo[kk]
+                        && a0 + 8 <= khi[kk]) {
+                    _mm256_storeu_ps(d, _mm256_loadu_ps(src + a0));   /* d[len..8): later columns */
+                    continue;
+                }
+                if (src != NULL && len == 16 && a0 >= klo[kk] && a0 + 16 <= khi[kk]) {
+                    if (sx == 1) {
+                        _mm256_storeu_ps(d, _mm256_loadu_ps(src + a0));
+                        _mm256_storeu_ps(d + 8, _mm256_loadu_ps(src + a0 + 8));
+                        continue;
+                    }
+                    if (sx == 2) {
+                        const float* sp = src + 2 * a0;
+                        __m256 S0 = _mm256_shuffle_ps(_mm256_loadu_ps(sp), _mm256_loadu_ps(sp + 8),
+                                                      _MM_SHUFFLE(2, 0, 2, 0));
+                        /* the last odd input (sp[31]) may lie past the image: not read */
+                        __m256 S1 = _mm256_shuffle_ps(_mm256_loadu_ps(sp + 16),
+                            _mm256_maskload_ps(sp + 24, _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, -1, 0)),
+                            _MM_SHUFFLE(2, 0, 2, 0));
+                        _mm256_storeu_ps(d, _mm256_castpd_ps(_mm256_permute4x64_pd(
+                            _mm256_castps_pd(S0), _MM_SHUFFLE(3, 1, 2, 0))));
+                        _mm256_storeu_ps(d + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(
+                            _mm256_castps_pd(S1), _MM_SHUFFLE(3, 1, 2, 0))));
+                        continue;
+                    }
+                }
+#endif
+                mdnn_copy_piece(d, src, a0, len, klo[kk], khi[kk], sx, MDNN_NR - o);
+            }
+            done += len;
+            t += len;
+        }
+        q += seg;
+        ox += seg;
+        if (ox == Co) {
+            ox = 0;
+            if (++oy == c->Ro) { oy = 0; n++; }
+        }
+    }
+    if (ncols % MDNN_NR) {
+        /* zero the tail of the last sliver (all kc rows); last, since the
+         * pieces above may have scribbled there */
+        int s = nsl - 1, t0 = ncols % MDNN_NR;
+        float* d = dst + (long)s * kc * MDNN_NR;
+        for (kk = 0; kk < kc; kk++)
+            memset(d + kk * MDNN_NR + t0, 0, (MDNN_NR - t0) * sizeof(float));
+    }
+}
+
+/* ---------------------------------------------------------- micro-kernel */
+
+/* mode: 0 = overwrite, 1 = accumulate, and bit 2 = apply bias/relu.
+ * out: row stride ldo; if out is a scratch tile (scatter path) ldo = NR. */
+#define MDNN_ACC 1
+#define MDNN_EPI 2
+
+#if MDNN_HAVE_AVX2
+static inline __attribute__((always_inline)) void
+mdnn_kernel_avx2(int mr, int kc, const float* a, long lda, const float* bp,
+                 const int* boff, long b1off, float* out, long ldo, int mode,
+                 const float* bias, int relu)
+{
+    __m256 c0[MDNN_MR], c1[MDNN_MR];
+    int r, k;
+    for (r = 0; r < MDNN_MR; r++) { c0[r] = _mm256_setzero_ps(); c1[r] = _mm256_setzero_ps(); }
+#pragma GCC unroll 4
+    for (k = 0; k < kc; k++) {
+        /* B row k: packed (bp + k*NR), or straight from a padded image
+         * (bp + boff[k]; its second half b1off floats further on) */
+        const float* bk = boff ? bp + boff[k] : bp + k * MDNN_NR;
+        __m256 b0 = _mm256_loadu_ps(bk);
+        __m256 b1 = _mm256_loadu_ps(bk + (boff ? b1off : 8));
+        for (r = 0; r < MDNN_MR; r++) {
+            if (r < mr) {
+                __m256 av = _mm256_broadcast_ss(a + r * lda + k);
+                c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
+                c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
+            }
+        }
+    }
+    for (r = 0; r < MDNN_MR; r++) {
+        if (r < mr) {
+            float* o = out + r * ldo;
+            __m256 v0 = c0[r], v1 = c1[r];
+            if (mode & MDNN_ACC) {
+                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(o));
+                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(o + 8));
+            }
+            if (mode & MDNN_EPI) {
+                if (bias) {
+                    __m256 bv = _mm256_broadcast_ss(bias + r);
+                    v0 = _mm256_add_ps(v0, bv);
+                    v1 = _mm256_add_ps(v1, bv);
+                }
+                if (relu) {
+                    /* max(0, v): a NaN in v passes through, as in numpy */
+                    v0 = _mm256_max_ps(_mm256_setzero_ps(), v0);
+                    v1 = _mm256_max_ps(_mm256_setzero_ps(), v1);
+                }
+            }
+            _mm256_storeu_ps(o, v0);
+            _mm256_storeu_ps(o + 8, v1);
+        }
+    }
+}
+#endif
+
+/* Portable micro-kernel: same contract. */
+static inline void
+mdnn_kernel_c(int mr, int kc, const float* a, long lda, const float* bp,
+              float* out, long ldo, int mode, const float* bias, int relu)
+{
+    float acc[MDNN_MR][MDNN_NR];
+    int r, k, u;
+    for (r = 0; r < mr; r++)
+        for (u = 0; u < MDNN_NR; u++) acc[r][u] = 0.0f;
+    for (k = 0; k < kc; k++) {
+        const float* bk = bp + k * MDNN_NR;
+        for (r = 0; r < mr; r++) {
+            float av = a[r * lda + k];
+            for (u = 0; u < MDNN_NR; u++) acc[r][u] += av * bk[u];
+        }
+    }
+    for (r = 0; r < mr; r++) {
+        float* o = out + r * ldo;
+        for (u = 0; u < MDNN_NR; u++) {
+            float v = acc[r][u];
+            if (mode & MDNN_ACC) v += o[u];
+            if (mode & MDNN_EPI) {
+                if (bias) v += bias[r];
+                if (relu && v < 0.0f) v = 0.0f;
+            }
+            o[u] = v;
+        }
+    }
+}
+
+static void mdnn_kernel(int mr, int kc, const float* a, long lda, const float* bp,
+                        float* out, long ldo, int mode, const float* bias, int relu)
+{
+#if MDNN_HAVE_AVX2
+    switch (mr) {   /* constant mr: the row loops unroll, unused rows vanish */
+    case 6: mdnn_kernel_avx2(6, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, relu); return;
+    case 5: mdnn_kernel_avx2(5, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, relu); return;
+    case 4: mdnn_kernel_avx2(4, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, relu); return;
+    case 3: mdnn_kernel_avx2(3, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, relu); return;
+    case 2: mdnn_kernel_avx2(2, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, relu); return;
+    default: mdnn_kernel_avx2(1, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, relu); return;
+    }
+#else
+    mdnn_kernel_c(mr, kc, a, lda, bp, out, ldo, mode, bias, relu);
+#endif
+}
+
+#if MDNN_HAVE_AVX2
+static void mdnn_kernel_d(int mr, int kc, const float* a, long lda, const float* bp,
+                          const int* boff, long b1off, float* out, long ldo, int mode,
+                          const float* bias, int relu)
+{
+    switch (mr) {
+    case 6: mdnn_kernel_avx2(6, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, relu); return;
+    case 5: mdnn_kernel_avx2(5, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, relu); return;
+    case 4: mdnn_kernel_avx2(4, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, relu); return;
+    case 3: mdnn_kernel_avx2(3, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, relu); return;
+    case 2: mdnn_kernel_avx2(2, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, relu); return;
+    default: mdnn_kernel_avx2(1, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, relu); return;
+    }
+}
+#endif
+
+/* Row count of the tile starting at row f of a block of rows [f, fe):
+ * full MR tiles, but a remainder of 1-3 rows is merged with the previous
+ * tile and the pair split evenly (7 -> 4+3, 8 -> 4+4, 9 -> 5+4), so no tile
+ * runs at the latency-bound 1-2 rows. */
+static inline int mdnn_tile_rows(int f, int fe)
+{
+    int left = fe - f;
+    if (left <= MDNN_MR) return left;
+    if (left < MDNN_MR + 4) return (left + 1) / 2;
+    return MDNN_MR;
+}
+
+/* ---------------------------------------------------------------- a task */
+
+/* Columns q0..q0+ncols-1, filters f0..f0+nf-1. bpack: a per-thread buffer of
+ * at least ceil(ncols/NR)*NR*min(KRS, KC) floats. */
+static void mdnn_conv_task(const mdnn_conv_t* c, long q0, int ncols, int f0, int nf,
+                           float* bpack)
+{
+    const int KRS = c->KRS, P = c->P, F = c->F;
+    const long ys = (long)F * P;
+    int nkb = (KRS + mdnn_kc - 1) / mdnn_kc;
+    int kcs = (KRS + nkb - 1) / nkb;       /* even K blocks */
+    int k0, kb;
+    float tile[MDNN_MR * MDNN_NR];
+    for (kb = 0, k0 = 0; k0 < KRS; kb++, k0 += kcs) {
+        int kc = KRS - k0 < kcs ? KRS - k0 : kcs;
+        int mode = (k0 > 0 ? MDNN_ACC : 0) | (k0 + kc >= KRS ? MDNN_EPI : 0);
+        int m0;
+        mdnn_pack_b(c, q0, ncols, k0, kc, bpack);
+        for (m0 = f0; m0 < f0 + nf; m0 += mdnn_mc) {
+            int me = m0 + mdnn_mc < f0 + nf ? m0 + mdnn_mc : f0 + nf;
+            int t;
+            if (me < f0 + nf && f0 + nf - me < MDNN_MR) me = f0 + nf;  /* no sliver-thin last block */
+            for (t = 0; t < ncols; t += MDNN_NR) {
+                const float* bp = bpack + (long)(t / MDNN_NR) * kc * MDNN_NR;
+                long q = q0 + t;
+                int n = (int)(q / P), p = (int)(q - (long)n * P);
+                int width = ncols - t < MDNN_NR ? ncols - t : MDNN_NR;
+                int direct = width == MDNN_NR && p + MDNN_NR <= P;
+                int f = m0, mr;
+                for (; f < me; f += mr) {
+                    const float* a = c->w + (long)f * KRS + k0;
+                    const float* bias = c->b ? c->b + f : NULL;
+                    mr = mdnn_tile_rows(f, me);
+                    if (direct) {
+                        mdnn_kernel(mr, kc, a, KRS, bp, c->y + n * ys + (long)f * P + p, P,
+                                    mode, bias, c->relu);
+                    } else {
+                        /* the tile straddles samples or is the ragged end:
+                         * through a scratch tile, then run by run (one
+                         * sample each) into y */
+                        int r, u, u0 = 0, nn = n, pp = p, run;
+                        mdnn_kernel(mr, kc, a, KRS, bp, tile, MDNN_NR, 0, NULL, 0);
+                        for (; u0 < width; u0 += run, nn++, pp = 0) {
+                            float* o = c->y + nn * ys + (long)f * P + pp;
+                            run = P - pp < width - u0 ? P - pp : width - u0;
+                            for (r = 0; r < mr; r++) {
+                                float* orow = o + (long)r * P;
+                                const float* tr = tile + r * MDNN_NR + u0;
+                                float bv = bias ? bias[r] : 0.0f;
+                                for (u = 0; u < run; u++) {
+                                    float v = tr[u];
+                                    if (mode & MDNN_ACC) v += orow[u];
+                                    if (mode & MDNN_EPI) {
+                                        v += bv;
+                                        if (c->relu && v < 0.0f) v = 0.0f;
+                                    }
+                                    orow[u] = v;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* ---------------------------- padded rows: output rows a multiple of 8 */
+
+/* Row k = (ch, i, j) of a tile's B panel is, for each run of the tile's
+ * pixels inside one output row, the zero-padded input row
+ * (ch, oy*sy + i - py) read from column ox*sx + j - px with step sx. Copy the
+ * rows a chunk needs once into a buffer, zero-padded and split by column
+ * phase (phase ph holds padded columns ph, ph+sx, ph+2sx, ...), and that run
+ * is consecutive floats of phase j % sx. With Co % 8 == 0 (and P % 16 == 0)
+ * each 8-pixel half of a tile lies in one output row, so the micro-kernel
+ * reads each half of B straight from the buffer through a table of row
+ * offsets: no packing (which copies each input element once per filter tap
+ * it meets: 9x for 3x3 at stride 1). Not for strided 1x1 convs (the buffer
+ * would copy the rows and columns they skip). */
+static int mdnn_direct_ok(const mdnn_conv_t* c)
+{
+    return MDNN_HAVE_AVX2 && c->Co % 8 == 0 && c->P % MDNN_NR == 0
+           && ((c->sy == 1 && c->sx == 1) || c->nr * c->nc >= 4);
+}
+
+/* floats of padded buffer a task of at most ncw columns needs */
+static long mdnn_direct_ws(const mdnn_conv_t* c, int ncw)
+{
+    long rows = (long)(ncw / c->Co + 2) * c->sy + c->nr;
+    long Lp = c->Co + (c->nc - 1) / c->sx;
+    return (long)c->K * rows * c->sx * Lp + MDNN_NR;
+}
+
+static void mdnn_conv_task_direct(const mdnn_conv_t* c, long q0, int ncols, int f0, int nf,
+                                  float* pbuf)
+{
+#if MDNN_HAVE_AVX2
+    const int KRS = c->KRS, P = c->P, F = c->F, Co = c->Co, R = c->R, C = c->C;
+    const int sx = c->sx, sy = c->sy, nrc = c->nr * c->nc;
+    const int Lp = Co + (c->nc - 1) / sx;         /* floats per phase row */
+    const long rowp = (long)sy * sx * Lp;          /* buffer floats per output row */
+    const long ys = (long)F * P, xs = (long)c->K * R * C;
+    int nkb = (KRS + mdnn_kc - 1) / mdnn_kc;
+    int kcs = (KRS + nkb - 1) / nkb;
+    int boff[MDNN_KC];
+    long q = q0, qe = q0 + ncols;
+    while (q < qe) {            /* one sample at a time */
+        int n = (int)(q / P);
+        int p0 = (int)(q - (long)n * P);
+        int p1 = (qe - ((long)n * P) < P) ? (int)(qe - (long)n * P) : P;
+        int oya = p0 / Co, oyb = (p1 - 1) / Co;
+        int Rp = (oyb - oya) * sy + c->nr;        /* padded input rows */
+        int ch, r, ph, e, k0;
+        /* pbuf[ch][r][ph][e] = x[n][ch][oya*sy - py + r][e*sx + ph - px], 0 outside */
+        for (ch = 0; ch < c->K; ch++) {
+            for (r = 0; r < Rp; r++) {
+                int iy = oya * sy - c->py + r;
+                const float* sr = c->x + n * xs + ((long)ch * R + iy) * C;
+                for (ph = 0; ph < sx; ph++) {
+                    float* d = pbuf + (((long)ch * Rp + r) * sx + ph) * Lp;
+                    if (iy < 0 || iy >= R) {
+                        memset(d, 0, Lp * sizeof(float));
+                    } else if (sx == 1) {
+                        int lo = c->px, hi = c->px + C;      /* e with a real pixel */
+                        if (hi > Lp) hi = Lp;
+                        for (e = 0; e < lo && e < Lp; e++) d[e] = 0.0f;
+                        if (hi > lo) memcpy(d + lo, sr, (hi - lo) * sizeof(float));
+                        for (e = hi > lo ? hi : lo; e < Lp; e++) d[e] = 0.0f;
+                    } else if (sx == 2 && ph == 1) {
+                        /* done with phase 0 */
+                    } else if (sx == 2) {
+                        /* both phases at once: deinterleave 16 padded columns
+                         * 2e0 .. 2e0+15 (inputs 2e0-px ..) into 8 + 8 */
+                        float* d1 = d + Lp;
+                        e = 0;
+                        for (; e < Lp; e++) {       /* left edge, scalar */
+                            int ix = 2 * e - c->px;
+                            if (ix >= 0 && e + 8 <= Lp && ix + 16 <= C) break;
+                            d[e] = (ix >= 0 && ix < C) ? sr[ix] : 0.0f;
+                            d1[e] = (ix + 1 >= 0 && ix + 1 < C) ? sr[ix + 1] : 0.0f;
+                        }
+                        for (; e + 8 <= Lp && 2 * e - c->px + 16 <= C; e += 8) {
+                            const float* sp = sr + 2 * e - c->px;
+                            __m256 L = _mm256_loadu_ps(sp), H = _mm256_loadu_ps(sp + 8);
+                            __m256 ev = _mm256_shuffle_ps(L, H, _MM_SHUFFLE(2, 0, 2, 0));
+                            __m256 od = _mm256_shuffle_ps(L, H, _MM_SHUFFLE(3, 1, 3, 1));
+                            _mm256_storeu_ps(d + e, _mm256_castpd_ps(_mm256_permute4x64_pd(
+                                _mm256_castps_pd(ev), _MM_SHUFFLE(3, 1, 2, 0))));
+                            _mm256_storeu_ps(d1 + e, _mm256_castpd_ps(_mm256_permute4x64_pd(
+                                _mm256_castps_pd(od), _MM_SHUFFLE(3, 1, 2, 0))));
+                        }
+                        for (; e < Lp; e++) {       /* right edge, scalar */
+                            int ix = 2 * e - c->px;
+                            d[e] = (ix >= 0 && ix < C) ? sr[ix] : 0.0f;
+                            d1[e] = (ix + 1 >= 0 && ix + 1 < C) ? sr[ix + 1] : 0.0f;
+                        }
+                    } else {
+                        for (e = 0; e < Lp; e++) {
+                            int ix = e * sx + ph - c->px;
+                            d[e] = (ix >= 0 && ix < C) ? sr[ix] : 0.0f;
+                        }
+                    }
+                }
+            }
+        }
+        for (k0 = 0; k0 < KRS; k0 += kcs) {
+            int kc = KRS - k0 < kcs ? KRS - k0 : kcs;
+            int mode = (k0 > 0 ? MDNN_ACC : 0) | (k0 + kc >= KRS ? MDNN_EPI : 0);
+            int kk, m0;
+            for (kk = 0; kk < kc; kk++) {
+                int k = k0 + kk, chh = k / nrc, rem = k - chh * nrc;
+                int i = rem / c->nc, j = rem - i * c->nc;
+                boff[kk] = ((chh * Rp + i) * sx + j % sx) * Lp + j / sx;
+            }
+            for (m0 = f0; m0 < f0 + nf; m0 += mdnn_mc) {
+                int me = m0 + mdnn_mc < f0 + nf ? m0 + mdnn_mc : f0 + nf;
+                int p;
+                if (me < f0 + nf && f0 + nf - me < MDNN_MR) me = f0 + nf;
+                for (p = p0; p < p1; p += MDNN_NR) {
+                    int oy = p / Co, ox = p - oy * Co;
+                    int oy2 = (p + 8) / Co, ox2 = p + 8 - oy2 * Co;
+                    const float* bb = pbuf + (long)(oy - oya) * rowp + ox;
+                    long b1off = (long)(oy2 - oy) * rowp + (ox2 - ox);
+                    int f = m0, mr;
+                    for (; f < me; f += mr) {
+                        mr = mdnn_tile_rows(f, me);
+                        mdnn_kernel_d(mr, kc, c->w + (long)f * KRS + k0, KRS, bb, boff, b1off,
+                                      c->y + n * ys + (long)f * P + p, P, mode,
+                                      c->b ? c->b + f : NULL, c->relu);
+                    }
+                }
+            }
+        }
+        q = (long)n * P + p1;
+    }
+#else
+    (void)c; (void)q0; (void)ncols; (void)f0; (void)nf; (void)pbuf;
+#endif
+}
+
+#endif
