@@ -40,9 +40,9 @@ class Layer:
 
     A subclass defines ``kind`` (its printed name, dlib's without the trailing
     underscore), ``describe()`` (its settings, for printing), ``setup(in_shape)``
-    (allocate parameters the first time; check the input afterwards),
-    ``output_shape(in_shape)`` and ``build(plan, x) -> y`` (append its kernel calls
-    to the plan and return the buffer holding its output).
+    (allocate parameters the first time; check the input afterwards) and
+    ``build(plan, x) -> y`` (append its kernel calls to the plan and return the
+    buffer holding its output; raise ShapeError for an input it cannot take).
     """
 
     kind = "layer"
@@ -73,9 +73,6 @@ class Layer:
 
     def setup(self, in_shape):
         pass
-
-    def output_shape(self, in_shape):
-        return in_shape
 
     def build(self, plan, x):
         return x
