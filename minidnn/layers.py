@@ -110,11 +110,15 @@ class con_(Layer):
             raise ShapeError(f"expected input with {self.filters.shape[1]} channels (K), "
                              f"got shape {in_shape}")
 
+    def out_shape(self, x_shape):
+        """(N, num_filters, Ro, Co) for an input (N, K, R, C); ShapeError if the window does not fit."""
+        n, _, r, c = x_shape
+        return (n, self.num_filters,
+                _out_size(self, "convolution", r, self.nr, self.stride_y, self.padding_y),
+                _out_size(self, "convolution", c, self.nc, self.stride_x, self.padding_x))
+
     def build(self, plan, x):
-        n, _, r, c = x.shape
-        ro = _out_size(self, "convolution", r, self.nr, self.stride_y, self.padding_y)
-        co = _out_size(self, "convolution", c, self.nc, self.stride_x, self.padding_x)
-        y = plan.empty((n, self.num_filters, ro, co))
+        y = plan.empty(self.out_shape(x.shape))
         plan.step(ops.conv2d, x, plan.param(self.filters), plan.param(self.biases), y,
                   self.stride_y, self.stride_x, self.padding_y, self.padding_x, self.fused_relu)
         return y
@@ -122,10 +126,7 @@ class con_(Layer):
     # -- training (minidnn/train.py; ctx: train._Ctx) ---------------------
     def forward_train(self, ctx, x):
         """Training forward: the inference convolution into a new array (N, F, Ro, Co)."""
-        n, _, r, c = x.shape
-        ro = _out_size(self, "convolution", r, self.nr, self.stride_y, self.padding_y)
-        co = _out_size(self, "convolution", c, self.nc, self.stride_x, self.padding_x)
-        y = np.empty((n, self.num_filters, ro, co), np.float32)
+        y = np.empty(self.out_shape(x.shape), np.float32)
         ops.conv2d(x, self.filters, self.biases, y, self.stride_y, self.stride_x,
                    self.padding_y, self.padding_x, self.fused_relu)
         return y
