@@ -171,6 +171,53 @@ IG_CASES = (
 )
 
 
+# The narrow-tile kernel (a ragged last tile of 1-4 columns runs as dot
+# products along K): every width 1..4, every F mod 6 (and the 7/8/9 merge),
+# K = KRS of 1..3 K blocks with a tail that is not a multiple of 8, strides
+# 1-3, padding, batch 1 and > 1, and a narrow tile whose columns lie in
+# different samples (P = 1, P = 2).
+# (N, K, R, C, F, nr, nc, sy, sx, py, px)
+IG_NARROW_CASES = (
+    [(1, 3, 3 + q, 3 + q, 1 + q % 6, 3, 3, 1, 1, 0, 0) for q in range(4, 11)]   # P = 25 .. 121: widths 9, 4, 1, 0, 1, 4, 9
+    + [(1, 2, 7, 7, F, 3, 3, 1, 1, 1, 1) for F in (1, 2, 3, 5, 6, 7, 8, 9, 13)]  # P = 49: width 1
+    + [(1, 5, 14, 14, 11, 3, 3, 1, 1, 1, 1),   # P = 196: width 4
+       (1, 40, 7, 7, 7, 3, 3, 1, 1, 1, 1),     # KRS = 360: two K blocks, tail of 4 floats
+       (1, 57, 14, 14, 8, 3, 3, 2, 2, 1, 1),   # 3x3/2 -> 7x7, KRS = 513: three K blocks
+       (1, 37, 14, 14, 9, 1, 1, 2, 2, 0, 0),   # 1x1/2 -> 7x7, KRS = 37
+       (1, 3, 20, 20, 6, 3, 3, 3, 3, 1, 1),    # stride 3 -> 7x7
+       (2, 4, 5, 7, 5, 3, 3, 1, 1, 0, 1),      # N*P = 2*3*7 = 42 = 2*16 + 10 (not narrow) ...
+       (2, 4, 6, 7, 5, 3, 3, 1, 1, 0, 1),      # ... 2*28 = 56 = 3*16 + 8; padded path
+       (3, 4, 5, 5, 7, 3, 3, 1, 1, 0, 0),      # 3*9 = 27 = 16 + 11
+       (2, 4, 7, 3, 7, 3, 3, 1, 1, 0, 0),      # 2*5 = 10 < 16 columns
+       (9, 6, 4, 4, 5, 3, 3, 1, 1, 0, 0),      # P = 4, N*P = 36: width 4 in one sample
+       (18, 6, 3, 3, 7, 3, 3, 1, 1, 0, 0),     # P = 1, N = 18: width 2, two samples
+       (19, 6, 3, 4, 13, 3, 3, 1, 1, 0, 0),    # P = 2, N*P = 38: width 6 (not narrow)
+       (9, 6, 3, 4, 13, 3, 3, 1, 1, 0, 0),     # P = 2, N*P = 18: width 2 in one sample
+       (5, 3, 7, 7, 8, 3, 3, 1, 1, 1, 1),      # P = 49, N = 5: 245 = 15*16 + 5
+       (3, 3, 7, 7, 8, 3, 3, 1, 1, 1, 1)]      # 147 = 9*16 + 3, straddling tiles before
+)
+
+
+@pytest.mark.parametrize("case", IG_NARROW_CASES, ids=[str(c) for c in IG_NARROW_CASES])
+@pytest.mark.parametrize("bias,relu", [(False, False), (True, True), (False, True)],
+                         ids=["nobias-linear", "bias-relu", "nobias-relu"])
+@pytest.mark.parametrize("nt", [1, 2, 3], ids=["threads=1", "threads=2", "threads=3"])
+def test_conv2d_implicit_narrow(case, bias, relu, nt):
+    from minidnn import _cpu_conv
+    N, K, R, C, F, nr, nc, sy, sx, py, px = case
+    x, w = rand(N, K, R, C), rand(F, K, nr, nc)
+    b = rand(F) if bias else None
+    y = np.full((N, F, out_size(R, nr, sy, py), out_size(C, nc, sx, px)), np.nan, np.float32)
+    old, old_nt = _cpu_conv._set_conv_path("implicit"), cpu.get_num_threads()
+    cpu.set_num_threads(nt)
+    try:
+        cpu.conv2d(x, w, b, y, sy, sx, py, px, relu)
+    finally:
+        _cpu_conv._set_conv_path(old)
+        cpu.set_num_threads(old_nt)
+    assert_close(y, ref_conv2d(x, w, b, sy, sx, py, px, relu))
+
+
 @pytest.mark.parametrize("case", IG_CASES, ids=[str(c) for c in IG_CASES])
 @pytest.mark.parametrize("bias,relu", [(False, False), (True, True), (True, False)],
                          ids=["nobias-linear", "bias-relu", "bias-linear"])
@@ -291,11 +338,14 @@ def test_conv2d_path_rule():
         return
     assert _cpu_conv._conv_path_for((64, 32, 32, 32), (32, 32, 3, 3), 1, 1, 1, 1) == "implicit"
     assert _cpu_conv._conv_path_for((64, 3, 32, 32), (32, 3, 3, 3), 1, 1, 1, 1) == "implicit"
-    # batch 1 at 7x7: 49 of 64 tile columns useful -> OpenBLAS
-    assert _cpu_conv._conv_path_for((1, 512, 7, 7), (512, 512, 3, 3), 1, 1, 1, 1) == "blas"
-    # strided, output rows narrower than 8 -> OpenBLAS
+    # batch 1 at 7x7: 49 = 3*16 + 1 columns, the last one a narrow (dot-product) tile
+    assert _cpu_conv._conv_path_for((1, 512, 7, 7), (512, 512, 3, 3), 1, 1, 1, 1) == "implicit"
+    # a ragged last tile of 5..15 columns that is mostly padding -> OpenBLAS
+    assert _cpu_conv._conv_path_for((1, 8, 5, 5), (8, 8, 3, 3), 1, 1, 0, 0) == "blas"
+    # strided, output rows narrower than 8, batch > 1 -> OpenBLAS; batch 1 -> ours
     assert _cpu_conv._conv_path_for((16, 256, 14, 14), (512, 256, 1, 1), 2, 2, 0, 0) == "blas"
     assert _cpu_conv._conv_path_for((16, 256, 14, 14), (512, 256, 3, 3), 2, 2, 1, 1) == "blas"
+    assert _cpu_conv._conv_path_for((1, 256, 14, 14), (512, 256, 3, 3), 2, 2, 1, 1) == "implicit"
     assert _cpu_conv._conv_path_for((16, 64, 16, 16), (128, 64, 1, 1), 2, 2, 0, 0) == "implicit"
 
 
@@ -307,15 +357,25 @@ def test_conv2d_batch_zero():
 
 # ---------------------------------------------------------------------- fc
 
+# N <= 4 takes the dot-product (gemv) path on AVX2 machines: every N up to 4
+# and 5 (sgemm again), D with tails 1..7 mod 8, O with every remainder mod 6
 @pytest.mark.parametrize("N,D,O", [(1, 1, 1), (1, 7, 3), (3, 17, 5), (1, 300, 130),
-                                   (37, 129, 65), (64, 512, 10), (2, 3000, 100)])
+                                   (37, 129, 65), (64, 512, 10), (2, 3000, 100),
+                                   (1, 512, 1000), (2, 9, 7), (3, 15, 13), (4, 33, 12),
+                                   (4, 64, 200), (5, 31, 11), (1, 8, 6), (2, 1001, 17)])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
-def test_fc(N, D, O, bias, relu, threads):
+@pytest.mark.parametrize("path", ["auto", "blas"], ids=lambda p: "path=" + p)
+def test_fc(N, D, O, bias, relu, threads, path):
+    from minidnn import _cpu_conv
     x, w = rand(N, D), rand(O, D)
     b = rand(O) if bias else None
     y = np.full((N, O), np.nan, np.float32)
-    cpu.fc(x, w, b, y, relu)
+    old = _cpu_conv._set_conv_path(path)
+    try:
+        cpu.fc(x, w, b, y, relu)
+    finally:
+        _cpu_conv._set_conv_path(old)
     ref = x.astype(np.float64) @ w.astype(np.float64).T
     if bias:
         ref += b
@@ -381,6 +441,10 @@ POOL_CASES = [
     (2, 5, 9, 7, 4, 3, 3, 2, 3, 2),          # pad = window - 1
     (4, 16, 33, 33, 3, 3, 2, 2, 1, 1),
     (2, 64, 112, 112, 3, 3, 2, 2, 1, 1),     # ResNet-18 stem pool
+    (1, 2, 3, 4200, 2, 3, 1, 2, 1, 1),       # rows wider than max_pool's stack buffer
+    (2, 3, 9, 8, 3, 1, 2, 1, 1, 0),          # one-column window (vertical only)
+    (2, 3, 8, 9, 1, 3, 1, 3, 0, 2),          # one-row window, stride 3
+    (1, 2, 10, 11, 4, 4, 3, 3, 3, 3),        # pad = window - 1, stride 3
     (1, 3, 5, 5, 5, 1, 1, 1, 2, 0),
 ]
 

@@ -9,8 +9,11 @@ the reference machine; tests force each path):
     1.05-3x faster than the path below on the ResNet/LeNet convs.
   - blas: im2col into a per-thread workspace + scipy's OpenBLAS sgemm + a
     bias/ReLU epilogue per block; kept where it wins (strided convs with
-    output rows narrower than 8, and batch 1 at 7x7) and on machines without
-    AVX2.
+    output rows narrower than 8 at batch > 1, ragged last tiles of 5-15
+    columns that are mostly padding) and on machines without AVX2.
+fc at <= 4 samples (batch 1) runs as dot products along D (the narrow-tile
+kernel of gemm_avx2.h) instead of sgemm, which packs w for a matrix-vector
+product (ResNet-18's fc1000: 0.21 -> 0.025 ms).
 
 Threading: OpenMP owns the cores. Work is cut into tasks (sample, pixel
 chunk, filter block); each OpenMP thread runs its tasks with a
@@ -41,7 +44,7 @@ cdef extern from "gemm_avx2.h" nogil:
         float* y
         int N, K, R, C, F, nr, nc, sy, sx, py, px, Ro, Co, P, KRS
         int relu
-    int MDNN_NR, MDNN_KC, MDNN_MR, MDNN_MC
+    int MDNN_NR, MDNN_KC, MDNN_MR, MDNN_MC, MDNN_NARROW
     int mdnn_have_avx2()
     int mdnn_kc, mdnn_mc
     void mdnn_conv_task(const mdnn_conv_t* c, long q0, int ncols, int f0, int nf,
@@ -50,6 +53,10 @@ cdef extern from "gemm_avx2.h" nogil:
     long mdnn_direct_ws(const mdnn_conv_t* c, int ncw)
     void mdnn_conv_task_direct(const mdnn_conv_t* c, long q0, int ncols, int f0, int nf,
                                float* pbuf)
+    void mdnn_kernel_narrow(int mr, int w, int kc, const float* a, long lda,
+                            const float* bt, float* out, const long* yoff, long ldo,
+                            int mode, const float* bias, int relu)
+    int MDNN_EPI
 
 cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void** memptr, size_t alignment, size_t size)
@@ -461,14 +468,18 @@ cdef bint _use_implicit(const ConvArgs* a) noexcept nogil:
         return False      # the portable micro-kernel is no match for OpenBLAS
     cdef isize Q = <isize>a.N * a.P
     cdef isize padded = _ceil(Q, MDNN_NR) * MDNN_NR
-    # the last tile of NR columns is mostly padding (batch 1 at 7x7: 49 of
-    # 64 columns useful): OpenBLAS wastes less
+    # a ragged last tile of <= MDNN_NARROW columns runs as dot products
+    # (batch 1 at 7x7: 49 = 3*16 + 1); a wider one is padded to NR columns,
+    # and when that is mostly padding OpenBLAS wastes less
+    if Q % MDNN_NR <= MDNN_NARROW:
+        padded = Q
     if (padded - Q) * 100 > 15 * padded:
         return False
     # strided convs with output rows narrower than 8 (ResNet-18's 14x14 ->
-    # 7x7 stage): every packed run is a short masked gather, and OpenBLAS's
-    # im2col + sgemm wins by ~10%
-    if (a.sy > 1 or a.sx > 1) and a.Co < 8:
+    # 7x7 stage) at batch > 1: every packed run is a short masked gather, and
+    # OpenBLAS's im2col + sgemm is as fast or up to ~6% faster. At batch 1
+    # (49 columns: 3 tiles + a narrow one) ours is ~10% faster.
+    if (a.sy > 1 or a.sx > 1) and a.Co < 8 and a.N > 1:
         return False
     return True
 
@@ -641,6 +652,22 @@ def _conv_plan(x_shape, w_shape, int stride_y, int stride_x, int pad_y, int pad_
                 ws_per_thread=a.ws_per_thread, tasks=a.n_g * a.n_pc * a.n_fb)
 
 
+cdef void _fc_gemv(const float* x, const float* w, const float* b, float* y,
+                   int N, int D, int O, int o0, int no, bint relu) noexcept nogil:
+    """y[:, o0:o0+no] for N <= MDNN_NARROW samples: dot products along D
+    (gemm_avx2.h's narrow-tile kernel, the samples as its columns), 6
+    outputs at a time; w (O x D) streams through once."""
+    cdef long yoff[4]
+    cdef int u, o = o0, mr
+    for u in range(N):
+        yoff[u] = <long>u * O
+    while o < o0 + no:
+        mr = o0 + no - o if o0 + no - o < MDNN_MR else MDNN_MR
+        mdnn_kernel_narrow(mr, N, D, w + <isize>o * D, D, x, y + o, yoff, 1, MDNN_EPI,
+                           b + o if b != NULL else NULL, relu)
+        o += mr
+
+
 cdef void _fc_task(const float* x, const float* w, const float* b, float* y,
                    int N, int D, int O, int n0, int nn, int o0, int no,
                    bint relu) noexcept nogil:
@@ -704,6 +731,19 @@ def fc(x, w, b, y, bint relu):
     cdef int nt = _threads()
     if <double>N * O * (D if D > 0 else 1) < 200000.0:
         nt = 1
+    cdef int nb, t0
+    if mdnn_have_avx2() and N <= MDNN_NARROW and D > 0 and _force_path != 1:
+        # a few samples: sgemm would pack w for a matrix-vector product
+        nb = (<int>O + 5) // 6              # blocks of 6 outputs
+        if nt > nb:
+            nt = nb if nb > 0 else 1
+        with nogil:
+            for t0 in prange(nt, num_threads=nt, schedule="static"):
+                _fc_gemv(px, pw, pb, py, <int>N, <int>D, <int>O,
+                         <int>(t0 * nb // nt) * 6,
+                         min(<int>((t0 + 1) * nb // nt) * 6, <int>O) - <int>(t0 * nb // nt) * 6,
+                         relu)
+        return
     # split the samples when there are enough of them, else the outputs
     cdef int ns = 1, no_ = 1, t
     if nt > 1:

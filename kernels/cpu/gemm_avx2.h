@@ -18,6 +18,9 @@
  *         tile lie in one output row (Co % 8 == 0), the input rows a chunk
  *         needs are copied once into a zero-padded buffer and the kernel reads
  *         B from there through a table of row offsets (no per-tap copies).
+ *   - a ragged last tile of <= MDNN_NARROW (4) columns (batch 1 at 7x7:
+ *     49 = 3*16 + 1) runs as dot products along K (mdnn_kernel_narrow), not
+ *     as a 16-column tile that is mostly padding.
  *   - the result is stored along pixels (contiguous in y), with the bias and
  *     ReLU applied in the store of the last K block (epilogue); tiles that
  *     straddle samples or the ragged end go through a scratch tile.
@@ -350,6 +353,124 @@ static void mdnn_kernel_d(int mr, int kc, const float* a, long lda, const float*
 }
 #endif
 
+/* ------------------------------------------- narrow tiles: dot products */
+
+/* The ragged last tile of few columns (batch 1 at 7x7: 49 = 3*16 + 1; at
+ * 14x14: 196 = 12*16 + 4) would waste most of a 16-column micro-tile. For
+ * at most MDNN_NARROW columns we vectorise along K instead:
+ *   out[yoff[u] + r*ldo] (+)= sum_k a[r*lda + k] * bt[u*kc + k]
+ * for r < mr (<= MR) filters and u < w columns, bt holding the columns
+ * transposed (K contiguous). Columns go in pairs: 6 x 2 ymm accumulators,
+ * 6 loads of A and 2 of B per 12 FMAs, a horizontal sum per output. */
+#define MDNN_NARROW 4
+
+#if MDNN_HAVE_AVX2
+static inline float mdnn_hsum(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __attribute__((always_inline)) void
+mdnn_narrow_avx2(const int mr, const int uw, int kc, const float* a, long lda,
+                 const float* bt, float* out, const long* yoff, long ldo, int mode,
+                 const float* bias, int relu)
+{
+    __m256 acc[MDNN_MR][2];
+    int r, u, k;
+    for (r = 0; r < MDNN_MR; r++) {
+        acc[r][0] = _mm256_setzero_ps();
+        acc[r][1] = _mm256_setzero_ps();
+    }
+    for (k = 0; k + 8 <= kc; k += 8) {
+        __m256 b0 = _mm256_loadu_ps(bt + k);
+        __m256 b1 = uw > 1 ? _mm256_loadu_ps(bt + kc + k) : b0;
+        for (r = 0; r < MDNN_MR; r++) {
+            if (r < mr) {
+                __m256 av = _mm256_loadu_ps(a + r * lda + k);
+                acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+                if (uw > 1) acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+            }
+        }
+    }
+    if (k < kc) {
+        /* masked lanes are never read: no fault past the end of w */
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(kc - k), lane);
+        __m256 b0 = _mm256_maskload_ps(bt + k, m);
+        __m256 b1 = uw > 1 ? _mm256_maskload_ps(bt + kc + k, m) : b0;
+        for (r = 0; r < MDNN_MR; r++) {
+            if (r < mr) {
+                __m256 av = _mm256_maskload_ps(a + r * lda + k, m);
+                acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+                if (uw > 1) acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+            }
+        }
+    }
+    for (r = 0; r < MDNN_MR; r++) {
+        if (r < mr) {
+            for (u = 0; u < uw; u++) {
+                float* o = out + yoff[u] + r * ldo;
+                float v = mdnn_hsum(acc[r][u]);
+                if (mode & MDNN_ACC) v += *o;
+                if (mode & MDNN_EPI) {
+                    if (bias) v += bias[r];
+                    if (relu) v = v > 0.0f ? v : (v == v ? 0.0f : v);
+                }
+                *o = v;
+            }
+        }
+    }
+}
+
+#define MDNN_NARROW_CASES(UW)                                                              \
+    switch (mr) {                                                                          \
+    case 6: mdnn_narrow_avx2(6, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, relu); break; \
+    case 5: mdnn_narrow_avx2(5, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, relu); break; \
+    case 4: mdnn_narrow_avx2(4, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, relu); break; \
+    case 3: mdnn_narrow_avx2(3, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, relu); break; \
+    case 2: mdnn_narrow_avx2(2, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, relu); break; \
+    default: mdnn_narrow_avx2(1, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, relu); break; \
+    }
+
+/* w <= MDNN_NARROW columns, in pairs */
+static void mdnn_kernel_narrow(int mr, int w, int kc, const float* a, long lda,
+                               const float* bt, float* out, const long* yoff, long ldo,
+                               int mode, const float* bias, int relu)
+{
+    for (; w >= 2; w -= 2, bt += 2 * (long)kc, yoff += 2) {
+        MDNN_NARROW_CASES(2)
+    }
+    if (w == 1) {
+        MDNN_NARROW_CASES(1)
+    }
+}
+#else
+/* Portable version: same contract (used by fc only when AVX2 is there, but
+ * it must exist for the extension to link). */
+static void mdnn_kernel_narrow(int mr, int w, int kc, const float* a, long lda,
+                               const float* bt, float* out, const long* yoff, long ldo,
+                               int mode, const float* bias, int relu)
+{
+    int r, u, k;
+    for (r = 0; r < mr; r++) {
+        for (u = 0; u < w; u++) {
+            float* o = out + yoff[u] + r * ldo;
+            float v = 0.0f;
+            for (k = 0; k < kc; k++) v += a[r * lda + k] * bt[(long)u * kc + k];
+            if (mode & MDNN_ACC) v += *o;
+            if (mode & MDNN_EPI) {
+                if (bias) v += bias[r];
+                if (relu && v < 0.0f) v = 0.0f;
+            }
+            *o = v;
+        }
+    }
+}
+#endif
+
 /* Row count of the tile starting at row f of a block of rows [f, fe):
  * full MR tiles, but a remainder of 1-3 rows is merged with the previous
  * tile and the pair split evenly (7 -> 4+3, 8 -> 4+4, 9 -> 5+4), so no tile
@@ -375,6 +496,9 @@ static void mdnn_conv_task(const mdnn_conv_t* c, long q0, int ncols, int f0, int
     int kcs = (KRS + nkb - 1) / nkb;       /* even K blocks */
     int k0, kb;
     float tile[MDNN_MR * MDNN_NR];
+#if MDNN_HAVE_AVX2
+    float bt[MDNN_NARROW * MDNN_KC];
+#endif
     for (kb = 0, k0 = 0; k0 < KRS; kb++, k0 += kcs) {
         int kc = KRS - k0 < kcs ? KRS - k0 : kcs;
         int mode = (k0 > 0 ? MDNN_ACC : 0) | (k0 + kc >= KRS ? MDNN_EPI : 0);
@@ -391,6 +515,28 @@ static void mdnn_conv_task(const mdnn_conv_t* c, long q0, int ncols, int f0, int
                 int width = ncols - t < MDNN_NR ? ncols - t : MDNN_NR;
                 int direct = width == MDNN_NR && p + MDNN_NR <= P;
                 int f = m0, mr;
+#if MDNN_HAVE_AVX2
+                if (width <= MDNN_NARROW) {
+                    /* ragged end of few columns: transpose them (K
+                     * contiguous) and take dot products along K */
+                    long yoff[MDNN_NARROW];
+                    int u, kk;
+                    for (u = 0; u < width; u++) {
+                        long qu = q + u;
+                        int nu = (int)(qu / P);
+                        yoff[u] = nu * ys + (qu - (long)nu * P);
+                        for (kk = 0; kk < kc; kk++)
+                            bt[u * kc + kk] = bp[kk * MDNN_NR + u];
+                    }
+                    for (; f < me; f += mr) {
+                        mr = mdnn_tile_rows(f, me);
+                        mdnn_kernel_narrow(mr, width, kc, c->w + (long)f * KRS + k0, KRS, bt,
+                                           c->y + (long)f * P, yoff, P, mode,
+                                           c->b ? c->b + f : NULL, c->relu);
+                    }
+                    continue;
+                }
+#endif
                 for (; f < me; f += mr) {
                     const float* a = c->w + (long)f * KRS + k0;
                     const float* bias = c->b ? c->b + f : NULL;

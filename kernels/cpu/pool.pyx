@@ -7,6 +7,7 @@ the N*K planes."""
 include "check.pxi"
 
 from cython.parallel cimport prange
+from libc.math cimport INFINITY
 
 cdef isize GRAIN = 1 << 14
 
@@ -30,6 +31,65 @@ cdef void _max_plane(const float* x, float* y, int R, int C, int Ro, int Co,
                 for ix in range(x0, x1):
                     m = max(m, xr[ix])
             y[oy * Co + ox] = m
+
+
+# Separable max pooling (below) keeps two padded rows on the stack.
+DEF MAXROW = 4096
+
+
+cdef inline float _fmax(float a, float b) noexcept nogil:
+    return a if a > b else b
+
+
+cdef void _max_plane_sep(const float* x, float* y, int R, int C, int Ro, int Co,
+                         int nr, int nc, int sy, int sx, int py, int px) noexcept nogil:
+    """The same as _max_plane, separably and vectorisable: for each output
+    row, v = column-wise max of the window's (clipped) input rows on a row
+    padded with -inf (padded column e is input column e - px), then
+    h[e] = max(v[e .. e+nc-1]) by nc - 1 shifted passes, and y[ox] = h[ox*sx].
+    Padding is -inf, so it never wins: every window holds a real pixel.
+    Needs (Co - 1)*sx + nc <= MAXROW."""
+    cdef float v[MAXROW]
+    cdef float h[MAXROW]
+    cdef int W = (Co - 1) * sx + nc          # padded columns the windows cover
+    cdef int H = (Co - 1) * sx + 1           # window starts
+    cdef int lo = px if px < W else W        # [lo, hi): padded columns with a real pixel
+    cdef int hi = px + C if px + C < W else W
+    cdef int oy, iy, e, j, y0, y1, ox
+    cdef const float* xr
+    cdef float* out
+    cdef float ninf = -INFINITY
+    for e in range(lo):
+        v[e] = ninf
+    for e in range(hi, W):
+        v[e] = ninf
+    for oy in range(Ro):
+        y0 = oy * sy - py
+        y1 = min(y0 + nr, R)
+        y0 = max(y0, 0)
+        xr = x + <isize>y0 * C - px
+        for e in range(lo, hi):
+            v[e] = xr[e]
+        for iy in range(y0 + 1, y1):
+            xr = x + <isize>iy * C - px
+            for e in range(lo, hi):
+                v[e] = _fmax(v[e], xr[e])
+        out = y + <isize>oy * Co
+        if sx == 1:
+            # h is the output row itself
+            for e in range(H):
+                out[e] = v[e]
+            for j in range(1, nc):
+                for e in range(H):
+                    out[e] = _fmax(out[e], v[e + j])
+        else:
+            for e in range(H):
+                h[e] = v[e]
+            for j in range(1, nc):
+                for e in range(H):
+                    h[e] = _fmax(h[e], v[e + j])
+            for ox in range(Co):
+                out[ox] = h[ox * sx]
 
 
 cdef void _avg_plane(const float* x, float* y, int R, int C, int Ro, int Co,
@@ -89,10 +149,15 @@ def _pool(bint is_max, str op, x, y, int nr, int nc, int stride_y, int stride_x,
     cdef isize i
     cdef isize pin = <isize>R * C, pout = <isize>Ro * Co
     cdef int nt = _threads_for(NK * pout * nr * nc, GRAIN)
+    # separable max for windows wider than one pixel, rows that fit the stack
+    cdef bint sep = nr * nc > 1 and <isize>(Co - 1) * stride_x + nc <= MAXROW
     with nogil:
         if nt == 1:
             for i in range(NK):
-                if is_max:
+                if is_max and sep:
+                    _max_plane_sep(px + i * pin, py + i * pout, R, C, Ro, Co, nr, nc,
+                                   stride_y, stride_x, pad_y, pad_x)
+                elif is_max:
                     _max_plane(px + i * pin, py + i * pout, R, C, Ro, Co, nr, nc,
                                stride_y, stride_x, pad_y, pad_x)
                 else:
@@ -100,7 +165,10 @@ def _pool(bint is_max, str op, x, y, int nr, int nc, int stride_y, int stride_x,
                                stride_y, stride_x, pad_y, pad_x)
         else:
             for i in prange(NK, num_threads=nt, schedule="static"):
-                if is_max:
+                if is_max and sep:
+                    _max_plane_sep(px + i * pin, py + i * pout, R, C, Ro, Co, nr, nc,
+                                   stride_y, stride_x, pad_y, pad_x)
+                elif is_max:
                     _max_plane(px + i * pin, py + i * pout, R, C, Ro, Co, nr, nc,
                                stride_y, stride_x, pad_y, pad_x)
                 else:
