@@ -281,19 +281,42 @@ class Plan:
         self.steps.append((fn, args))
 
     # ops whose last argument is a relu flag, and the position of their output
-    _RELU_EPILOGUE = {"conv2d": 3, "fc": 3, "affine": 3, "add": 2}
+    _RELU_EPILOGUE = {"conv2d": 3, "conv2d_residual": 4, "fc": 3, "affine": 3, "add": 2}
+
+    def _last_step_makes(self, x, names):
+        """The last step, if it is one of the ops ``names`` and writes ``x``, which nothing
+        else reads (x is not tagged); else None."""
+        if not self.steps or any(t is x for t in self.tags.values()):
+            return None
+        fn, args = self.steps[-1]
+        name = getattr(fn, "__name__", None)
+        pos = self._RELU_EPILOGUE.get(name) if name in names else None
+        if pos is None or args[pos] is not x and getattr(args[pos], "base", None) is not x:
+            return None
+        return fn, args
 
     def fuse_relu(self, x):
         """Turn on the relu epilogue of the step that produced ``x``, if it has one and
         nothing else reads ``x`` (it is not tagged). Returns whether it did; the
         producing node's output then holds the relu'd values (dlib's in-place layers)."""
-        if not self.steps or any(t is x for t in self.tags.values()):
+        last = self._last_step_makes(x, self._RELU_EPILOGUE)
+        if last is None:
             return False
-        fn, args = self.steps[-1]
-        pos = self._RELU_EPILOGUE.get(getattr(fn, "__name__", None))
-        if pos is None or args[pos] is not x and getattr(args[pos], "base", None) is not x:
-            return False
+        fn, args = last
         self.steps[-1] = (fn, args[:-1] + (True,))
+        return True
+
+    def fuse_residual(self, x, z):
+        """Turn the convolution that produced ``x`` into one that also adds ``z`` in its
+        epilogue (x += z in the same pass), if the backend can, nothing else reads x,
+        and the convolution applies no relu of its own. Returns whether it did; the
+        convolution's node output then holds the sum (as with fuse_relu)."""
+        impl = getattr(self.backend, "conv2d_residual", None)
+        last = self._last_step_makes(x, ("conv2d",)) if impl is not None else None
+        if last is None or last[1][-1] or z is x:
+            return False
+        xin, w, b, y, *geometry = last[1]
+        self.steps[-1] = (impl, (xin, w, b, z, y, *geometry))
         return True
 
     def param(self, a):

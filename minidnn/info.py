@@ -21,7 +21,8 @@ class BackendInfo(dict):
             algo = f", {c['algorithm']}" if c.get("algorithm") else ""
             fb = f" (fell back: {c['fallback']})" if c.get("fallback") else ""
             lines.append(f"layer<{c['layer']}> con {c['input']} * {c['filters']} stride "
-                         f"{c['stride']} pad {c['padding']}{' +relu' if c['relu'] else ''}: "
+                         f"{c['stride']} pad {c['padding']}{' +residual' if c.get('residual') else ''}"
+                         f"{' +relu' if c['relu'] else ''}: "
                          f"{c['path']}{algo}{fb}")
         return "\n".join(lines)
 
@@ -68,15 +69,24 @@ def backend_info(net, input_shape=None):
         where.setdefault(id(y), nodes.index(node))
     routed = _use_cudnn(be) if be is not None else False
     for fn, args in prog.steps:
-        if getattr(fn, "__name__", None) != "conv2d":
+        name = getattr(fn, "__name__", None)
+        if name == "conv2d":
+            (x, w, b, y, sy, sx, py, px, relu), z = args, None
+        elif name == "conv2d_residual":         # a convolution that also adds its block's shortcut
+            x, w, b, z, y, sy, sx, py, px, relu = args
+        else:
             continue
-        x, w, b, y, sy, sx, py, px, relu = args
         c = {"layer": where.get(id(y)), "input": tuple(x.shape), "filters": tuple(w.shape),
              "stride": (sy, sx), "padding": (py, px), "relu": bool(relu), "bias": b is not None,
+             "residual": z is not None,
              "path": CPU_KERNEL if be is None else OWN_KERNEL, "algorithm": None,
              "fallback": None}
         route = getattr(be, "conv_route", None)
-        route = route(x.shape, w.shape, sy, sx, py, px, relu) if route is not None else None
+        if route is not None:
+            try:
+                route = route(x.shape, w.shape, sy, sx, py, px, relu, residual=z is not None)
+            except TypeError:                   # a backend whose routes know no residual
+                route = route(x.shape, w.shape, sy, sx, py, px, relu)
         if route == "own":
             pass
         elif be is not None and info["cudnn"]:

@@ -50,6 +50,12 @@ def conv2d(x, w, b, y, stride_y, stride_x, pad_y, pad_x, relu):
     backend_of(x).conv2d(x, w, b, y, stride_y, stride_x, pad_y, pad_x, relu)
 
 
+def conv2d_residual(x, w, b, z, y, stride_y, stride_x, pad_y, pad_x, relu):
+    """As conv2d, plus z (N,F,Ro,Co) added before the relu in the same pass:
+    y = conv(x, w) + b + z, then max(., 0) if relu. z never aliases y."""
+    backend_of(x).conv2d_residual(x, w, b, z, y, stride_y, stride_x, pad_y, pad_x, relu)
+
+
 def fc(x, w, b, y, relu):
     """y (N,O) = x (N,D) @ w(O,D).T + b (O,) unless None, then max(., 0) if relu."""
     backend_of(x).fc(x, w, b, y, relu)

@@ -159,3 +159,48 @@ def test_fused_net_faster_or_equal_in_steps():
     dnn.fuse(net)
     after = len(net._program(x.shape).steps)
     assert after < before
+
+
+def _step_names(net, shape):
+    return [getattr(fn, "__name__", "") for fn, _ in net._program(shape).steps]
+
+
+def test_fused_residual_blocks_add_in_the_convolution_epilogue():
+    """After fuse(), the conv below each add_prev adds the shortcut in its epilogue (and the
+    relu above the add too): no separate add or relu pass is left."""
+    net = cifar_resnet(widths=(8, 16, 16))
+    x = rand(2, 3, 16, 16)
+    prepared(net, x)
+    ref = R.forward(net, x)
+    dnn.fuse(net)
+    names = _step_names(net, x.shape)
+    if not hasattr(dnn.ops.backend("cpu"), "conv2d_residual"):
+        pytest.skip("this CPU backend has no conv2d_residual")
+    assert names.count("conv2d_residual") == 6 and "add" not in names and "relu" not in names
+    R.assert_close(net.forward(x), ref)
+    # the add_prev node's output is the relu'd sum, as the reference computes it
+    add_node = dnn.layer(net, dnn.add_prev1)
+    R.assert_close(add_node.get_output(), np.maximum(R.forward(add_node, x), 0))
+
+
+def test_residual_fusion_falls_back_to_add_without_the_op(monkeypatch):
+    be = dnn.ops.backend("cpu")
+    monkeypatch.delattr(be, "conv2d_residual", raising=False)
+    net = cifar_resnet(widths=(8, 8, 8))
+    x = rand(1, 3, 8, 8)
+    prepared(net, x)
+    ref = R.forward(net, x)
+    dnn.fuse(net)
+    names = _step_names(net, x.shape)
+    assert names.count("add") == 6 and "conv2d_residual" not in names
+    R.assert_close(net.forward(x), ref)
+
+
+def test_no_residual_fusion_when_the_conv_output_is_read_elsewhere():
+    # add_prev1 directly above a tagged conv: the tag's readers need the conv's own output
+    net = dnn.add_prev2(dnn.tag1(dnn.con(3, 3, 3, 1, 1, dnn.tag2(dnn.input_tensor()))))
+    net = dnn.add_prev1(net)
+    x = rand(1, 3, 5, 5)
+    prepared(net, x)
+    R.assert_close(net.forward(x), R.forward(net, x))
+    assert "conv2d_residual" not in _step_names(net, x.shape)
