@@ -83,16 +83,14 @@ def backend_info(net, input_shape=None):
              "fallback": None}
         route = getattr(be, "conv_route", None)
         if route is not None:
-            try:
-                route = route(x.shape, w.shape, sy, sx, py, px, relu, residual=z is not None)
-            except TypeError:                   # a backend whose routes know no residual
-                route = route(x.shape, w.shape, sy, sx, py, px, relu)
+            route = route(x.shape, w.shape, sy, sx, py, px, relu, residual=z is not None)
         if route == "own":
             pass
         elif be is not None and info["cudnn"]:
-            p = cudnn.conv_path(x.shape, w.shape, sy, sx, py, px, relu, plan=False)
+            geometry = (x.shape, w.shape, sy, sx, py, px, relu)
+            p = cudnn.conv_path(*geometry, plan=False, residual=z is not None)
             if (p is None or p["calls"] == 0) and routed:
-                p = cudnn.conv_path(x.shape, w.shape, sy, sx, py, px, relu, plan=True)
+                p = cudnn.conv_path(*geometry, plan=True, residual=z is not None)
             if p is not None and (p["calls"] > 0 or routed):
                 c.update(path=cudnn.PATH_NAMES[p["path"]], algorithm=p["algorithm"],
                          fallback=p["fallback"])

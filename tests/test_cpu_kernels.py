@@ -241,6 +241,159 @@ def test_conv2d_implicit_edges(case, bias, relu, nt, direct):
     assert_close(y, ref_conv2d(x, w, b, sy, sx, py, px, relu))
 
 
+
+# ------------------------------------------------------- conv2d_residual
+#
+# The residual z rides every epilogue conv2d has: the implicit path's
+# micro-kernel store (packed and padded-rows B), its scratch-tile store
+# (tiles straddling samples, ragged ends), the narrow-tile dot products, the
+# im2col + OpenBLAS per-block epilogue and its sample-group scatter (incl. the
+# direct 1x1 mode), over the same shape matrices as conv2d.
+
+def ref_conv2d_residual(x, w, b, z, sy, sx, py, px, relu):
+    y = ref_conv2d(x, w, b, sy, sx, py, px, False) + z.astype(np.float64)
+    return np.maximum(y, 0) if relu else y
+
+
+def _run_residual(case, bias, relu, path=None, nt=None, direct=None):
+    from minidnn import _cpu_conv
+    N, K, R, C, F, nr, nc, sy, sx, py, px = case
+    x, w = rand(N, K, R, C), rand(F, K, nr, nc)
+    b = rand(F) if bias else None
+    shape = (N, F, out_size(R, nr, sy, py), out_size(C, nc, sx, px))
+    z = rand(*shape, scale=2.0)
+    z0 = z.copy()
+    y = np.full(shape, np.nan, np.float32)
+    old = _cpu_conv._set_conv_path(path) if path is not None else None
+    old_nt = cpu.get_num_threads()
+    old_direct = _cpu_conv._set_direct(direct) if direct is not None else None
+    if nt is not None:
+        cpu.set_num_threads(nt)
+    try:
+        cpu.conv2d_residual(x, w, b, z, y, sy, sx, py, px, relu)
+    finally:
+        if path is not None:
+            _cpu_conv._set_conv_path(old)
+        if direct is not None:
+            _cpu_conv._set_direct(old_direct)
+        cpu.set_num_threads(old_nt)
+    np.testing.assert_array_equal(z, z0)           # z is only read
+    assert_close(y, ref_conv2d_residual(x, w, b, z, sy, sx, py, px, relu))
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=[str(c) for c in CONV_CASES])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+def test_conv2d_residual(case, bias, relu, threads, conv_path):
+    _run_residual(case, bias, relu)
+
+
+@pytest.mark.parametrize("case", IG_CASES, ids=[str(c) for c in IG_CASES])
+@pytest.mark.parametrize("bias,relu", [(False, False), (True, True), (False, True)],
+                         ids=["nobias-linear", "bias-relu", "nobias-relu"])
+@pytest.mark.parametrize("nt", [1, 2, 3], ids=["threads=1", "threads=2", "threads=3"])
+@pytest.mark.parametrize("direct", [True, False], ids=["padded-rows", "packed"])
+def test_conv2d_residual_implicit_edges(case, bias, relu, nt, direct):
+    _run_residual(case, bias, relu, "implicit", nt, direct)
+
+
+@pytest.mark.parametrize("case", IG_NARROW_CASES, ids=[str(c) for c in IG_NARROW_CASES])
+@pytest.mark.parametrize("bias,relu", [(False, False), (True, True), (False, True)],
+                         ids=["nobias-linear", "bias-relu", "nobias-relu"])
+@pytest.mark.parametrize("nt", [1, 2, 3], ids=["threads=1", "threads=2", "threads=3"])
+def test_conv2d_residual_implicit_narrow(case, bias, relu, nt):
+    _run_residual(case, bias, relu, "implicit", nt)
+
+
+@pytest.mark.parametrize("case", IG_CASES + IG_NARROW_CASES,
+                         ids=[str(c) for c in IG_CASES + IG_NARROW_CASES])
+@pytest.mark.parametrize("bias,relu", [(False, False), (True, True), (False, True)],
+                         ids=["nobias-linear", "bias-relu", "nobias-relu"])
+@pytest.mark.parametrize("nt", [1, 3], ids=["threads=1", "threads=3"])
+def test_conv2d_residual_blas_edges(case, bias, relu, nt):
+    _run_residual(case, bias, relu, "blas", nt)
+
+
+@pytest.mark.parametrize("path", ["blas", "implicit"])
+@pytest.mark.parametrize("direct", [True, False], ids=["padded-rows", "packed"])
+def test_conv2d_residual_matches_conv2d_then_add(path, direct):
+    """conv2d_residual == conv2d (no relu) + add (relu), on the shapes the
+    benchmarks run; and with z == 0 it is conv2d itself."""
+    from minidnn import _cpu_conv
+    old, old_direct = _cpu_conv._set_conv_path(path), _cpu_conv._set_direct(direct)
+    try:
+        for (N, K, R, F, k, s, p) in [(3, 3, 32, 32, 3, 1, 1), (2, 32, 16, 64, 3, 2, 1),
+                                      (3, 32, 16, 64, 1, 2, 0), (1, 64, 8, 128, 3, 1, 1),
+                                      (1, 128, 7, 128, 3, 1, 1), (4, 64, 8, 64, 1, 1, 0)]:
+            x, w, b = rand(N, K, R, R), rand(F, K, k, k, scale=0.1), rand(F)
+            Ro = out_size(R, k, s, p)
+            z = rand(N, F, Ro, Ro)
+            y1, y2, t = (np.empty((N, F, Ro, Ro), np.float32) for _ in range(3))
+            cpu.conv2d_residual(x, w, b, z, y1, s, s, p, p, True)
+            cpu.conv2d(x, w, b, t, s, s, p, p, False)
+            cpu.add(t, z, y2, True)
+            assert_close(y1, y2.astype(np.float64))
+            cpu.conv2d_residual(x, w, b, np.zeros_like(z), y1, s, s, p, p, True)
+            cpu.conv2d(x, w, b, y2, s, s, p, p, True)
+            np.testing.assert_array_equal(y1, y2)
+    finally:
+        _cpu_conv._set_conv_path(old)
+        _cpu_conv._set_direct(old_direct)
+
+
+def test_conv2d_residual_z_may_share_memory_with_x():
+    """z is only read: it may be x itself (a same-shape conv's input)."""
+    x, w, b = rand(2, 4, 9, 9), rand(4, 4, 3, 3), rand(4)
+    y = cpu.empty(x.shape)
+    cpu.conv2d_residual(x, w, b, x, y, 1, 1, 1, 1, True)
+    assert_close(y, ref_conv2d_residual(x, w, b, x, 1, 1, 1, 1, True))
+
+
+def test_conv2d_residual_batch_zero():
+    x, w = rand(0, 3, 5, 5), rand(2, 3, 3, 3)
+    cpu.conv2d_residual(x, w, None, cpu.empty((0, 2, 3, 3)), cpu.empty((0, 2, 3, 3)),
+                        1, 1, 0, 0, False)
+
+
+def _overlapping_z(y):
+    """A z of y's shape that shares all but its first element with y."""
+    big = np.empty(y.size + 1, np.float32)
+    return big[1:].reshape(y.shape), big[:-1].reshape(y.shape)
+
+
+BAD_RESIDUAL = {
+    "z is y": lambda x, w, b, z, y: (x, w, b, y, y),
+    "z overlaps y": lambda x, w, b, z, y: (x, w, b) + _overlapping_z(y),
+    "z shape": lambda x, w, b, z, y: (x, w, b, cpu.empty((2, 4, 8, 7)), y),
+    "z 3-d": lambda x, w, b, z, y: (x, w, b, z[0], y),
+    "z float64": lambda x, w, b, z, y: (x, w, b, z.astype(np.float64), y),
+    "z non-contiguous": lambda x, w, b, z, y: (x, w, b, np.asfortranarray(z), y),
+    "z strided view": lambda x, w, b, z, y: (x, w, b, rand(2, 4, 8, 16)[..., ::2], y),
+    "z list": lambda x, w, b, z, y: (x, w, b, z.tolist(), y),
+    "z None": lambda x, w, b, z, y: (x, w, b, None, y),
+    "y shape": lambda x, w, b, z, y: (x, w, b, z, cpu.empty((2, 4, 7, 8))),
+    "y read-only": lambda x, w, b, z, y: (x, w, b, z, _readonly(y)),
+    "y is x": lambda x, w, b, z, y: (y, rand(4, 4, 3, 3), b, z, y),
+    "x float64": lambda x, w, b, z, y: (x.astype(np.float64), w, b, z, y),
+    "w channels": lambda x, w, b, z, y: (x, rand(4, 2, 3, 3), b, z, y),
+    "bias size": lambda x, w, b, z, y: (x, w, rand(5), z, y),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_RESIDUAL), ids=list(BAD_RESIDUAL))
+def test_conv2d_residual_bad_calls_raise(bad):
+    x, w, b, y = _ok_conv()
+    args = BAD_RESIDUAL[bad](x, w, b, rand(*y.shape), y)
+    with pytest.raises(ValueError):
+        cpu.conv2d_residual(*args, 1, 1, 1, 1, False)
+
+
+def test_conv2d_residual_alias_message():
+    x, w, b, y = _ok_conv()
+    with pytest.raises(ValueError, match="z must not share memory"):
+        cpu.conv2d_residual(x, w, b, y, y, 1, 1, 1, 1, True)
+
+
 def _guarded(shape):
     """A float32 array of this shape that ends exactly where an unreadable
     page begins (reading one element past it would crash the process)."""

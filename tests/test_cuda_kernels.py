@@ -174,6 +174,172 @@ def test_conv2d_reuses_plan_with_new_buffers(cu, rng):
 
 
 # --------------------------------------------------------------------------
+# conv2d_residual: conv2d + z before the relu, in the conv's epilogue (or the
+# split-K reduction, or cuDNN's fused call with alpha2 = 1 / its fallback)
+
+@pytest.fixture(params=["own", "cudnn"])
+def route(request, cu):
+    """Force the conv route for the test (and forget earlier choices); back to auto after."""
+    cu.set_conv_route(request.param)
+    if request.param == "cudnn" and not cu.use_cudnn():
+        cu.set_conv_route("auto")
+        pytest.skip("cuDNN is not available here")
+    yield request.param
+    cu._force_gemm = None
+    cu.set_conv_route("auto")
+
+
+def _out_shape(case):
+    N, K, R, C, F, nr, nc, sy, sx, py, px = case[:11]
+    return (N, F, 1 + (R + 2 * py - nr) // sy, 1 + (C + 2 * px - nc) // sx)
+
+
+def _offset_array(cu, a, offset):
+    """A GPUArray holding a, starting `offset` floats into a larger buffer (offset 1:
+    not 16-byte aligned, which turns the float4 epilogue off)."""
+    if offset == 0:
+        return cu.asarray(a)
+    buf = cu.asarray(np.concatenate([np.zeros(offset, np.float32), a.ravel()]))
+    v = buf[offset:].reshape(a.shape)                  # a view: it keeps buf alive
+    assert v.flags.c_contiguous and int(v.gpudata) % 16 == 4 * offset % 16
+    return v
+
+
+def _conv_res_check(cu, rng, case, relu=None, z_offset=0, route=None):
+    N, K, R, C, F, nr, nc, sy, sx, py, px, bias, case_relu = case
+    relu = case_relu if relu is None else relu
+    x = _rand(rng, N, K, R, C)
+    w = _rand(rng, F, K, nr, nc)
+    b = _rand(rng, F) if bias else None
+    ys = _out_shape(case)
+    z = _rand(rng, *ys, scale=3.0)
+    zg = _offset_array(cu, z, z_offset)
+    y = _poisoned(cu, ys)
+    cu.conv2d_residual(cu.asarray(x), cu.asarray(w), None if b is None else cu.asarray(b), zg, y,
+                       sy, sx, py, px, relu)
+    ref = conv_ref(x, w, b, sy, sx, py, px, False) + z.astype(np.float64)
+    if relu:
+        ref = np.maximum(ref, 0)
+    absref = conv_ref(np.abs(x), np.abs(w), None if b is None else np.abs(b), sy, sx, py, px,
+                      False) + np.abs(z)
+    assert_close(cu.to_numpy(y), ref, scale=absref.max())
+    assert np.array_equal(cu.to_numpy(zg), z)           # z is only read
+    if route is not None:
+        assert cu.conv_route(x.shape, w.shape, sy, sx, py, px, relu, residual=True) == route
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d_residual(cu, rng, route, case, relu):
+    _conv_res_check(cu, rng, case, relu=relu, route=route)
+
+
+@pytest.mark.parametrize("force", [("conv_128x128", 1), ("conv_64x64", 1), ("conv_64x64", 3),
+                                   ("conv_128x128", 5)])
+@pytest.mark.parametrize("case", [CONV_CASES[i] for i in (1, 3, 6, 9, 12)])
+def test_conv2d_residual_every_config(cu, rng, case, force):
+    """Each tile configuration and split-K (the residual then goes through splitk_reduce),
+    on the own kernels, with z aligned (float4 epilogue where P % 4 == 0) and not."""
+    cu.set_conv_route("own")
+    cu._force_gemm = force
+    try:
+        for z_offset in (0, 1):
+            for relu in (False, True):
+                _conv_res_check(cu, rng, case, relu=relu, z_offset=z_offset)
+        _conv_check(cu, rng, case)        # conv2d on the same shape: its own plan, no z
+    finally:
+        cu._force_gemm = None
+        cu.set_conv_route("auto")
+
+
+def test_conv2d_residual_auto_route_is_reported_apart(cu, rng):
+    """The residual form is routed (and timed) on its own: conv_route tells the two apart."""
+    cu.set_conv_route("auto")
+    case = (2, 16, 17, 15, 33, 5, 5, 2, 2, 2, 2, True, True)
+    args = ((2, 16, 17, 15), (33, 16, 5, 5), 2, 2, 2, 2, True)
+    _conv_res_check(cu, rng, case)
+    assert cu.conv_route(*args, residual=True) in ("own", "cudnn")
+    assert cu.conv_route(*args) is None                  # conv2d has not run this shape
+    _conv_check(cu, rng, case)
+    assert cu.conv_route(*args) in ("own", "cudnn")
+    assert cu.conv_route(*args, residual=False) == cu.conv_route(*args)
+    for _ in range(2):                                   # cached plans, new buffers
+        _conv_res_check(cu, rng, case)
+
+
+def test_conv2d_residual_rejects_aliasing(cu, rng, route):
+    x = cu.asarray(_rand(rng, 2, 3, 8, 8))
+    w = cu.asarray(_rand(rng, 4, 3, 3, 3))
+    b = cu.asarray(_rand(rng, 4))
+    y = cu.empty((2, 4, 8, 8))
+    with pytest.raises(ValueError, match="z"):
+        cu.conv2d_residual(x, w, b, y, y, 1, 1, 1, 1, True)
+    buf = cu.empty((3, 4, 8, 8))
+    y2, z2 = buf[:2], buf[1:]                           # overlapping views of one buffer
+    assert y2.flags.c_contiguous and z2.flags.c_contiguous
+    with pytest.raises(ValueError, match="overlap"):
+        cu.conv2d_residual(x, w, b, z2, y2, 1, 1, 1, 1, True)
+    with pytest.raises(ValueError, match="overlap"):
+        cu.conv2d_residual(x, w, b, buf[:2].reshape(2, 4, 8, 8), buf[1:3], 1, 1, 1, 1, False)
+    # adjacent but disjoint views are fine
+    big = cu.empty((4, 4, 8, 8))
+    z = _rand(rng, 2, 4, 8, 8)
+    cu.upload(big, np.concatenate([z, np.full_like(z, np.nan)]))
+    cu.conv2d_residual(x, w, b, big[:2], big[2:], 1, 1, 1, 1, False)
+    xh, wh, bh = cu.to_numpy(x), cu.to_numpy(w), cu.to_numpy(b)
+    ref = conv_ref(xh, wh, bh, 1, 1, 1, 1, False) + z
+    absref = conv_ref(np.abs(xh), np.abs(wh), np.abs(bh), 1, 1, 1, 1, False) + np.abs(z)
+    assert_close(cu.to_numpy(big)[2:], ref, scale=absref.max())
+
+
+def test_graph_capture_conv2d_residual(cu, rng, route):
+    """conv2d_residual inside a captured graph (own route: forced split-K, so the
+    residual goes through splitk_reduce), replayed with new x and new z written into
+    the captured buffers."""
+    cases = [(2, 8, 12, 12, 16, 3, 3, 1, 1, 1, 1), (1, 256, 7, 7, 64, 3, 3, 1, 1, 1, 1)]
+    bufs = []
+    for i, c in enumerate(cases):
+        N, K, R, C, F, nr, nc = c[:7]
+        ys = _out_shape(c + (True, True))
+        bufs.append(dict(c=c, x=cu.asarray(_rand(rng, N, K, R, C)),
+                         w=cu.asarray(_rand(rng, F, K, nr, nc)), b=cu.asarray(_rand(rng, F)),
+                         z=cu.asarray(_rand(rng, *ys)), y=cu.empty(ys)))
+    if route == "own":
+        cu._force_gemm = ("conv_64x64", 3)              # the reduction inside the graph too
+
+    def forward():
+        for i, d in enumerate(bufs):
+            sy, sx, py, px = d["c"][7:11]
+            cu.conv2d_residual(d["x"], d["w"], d["b"], d["z"], d["y"], sy, sx, py, px, i == 0)
+
+    def refs():
+        out = []
+        for i, d in enumerate(bufs):
+            sy, sx, py, px = d["c"][7:11]
+            xh, wh, bh, zh = (cu.to_numpy(d[k]) for k in "xwbz")
+            r = conv_ref(xh, wh, bh, sy, sx, py, px, False) + zh
+            a = conv_ref(np.abs(xh), np.abs(wh), np.abs(bh), sy, sx, py, px, False) + np.abs(zh)
+            out.append((np.maximum(r, 0) if i == 0 else r, a.max()))
+        return out
+
+    try:
+        g = cu.capture(forward)
+        for d in bufs:
+            cu.upload(d["y"], np.full(d["y"].shape, np.nan, np.float32))
+            cu.upload(d["x"], _rand(rng, *d["x"].shape))
+            cu.upload(d["z"], _rand(rng, *d["z"].shape))
+        g.launch()
+        for d, (r, scale) in zip(bufs, refs()):
+            assert_close(cu.to_numpy(d["y"]), r, scale=scale)
+        for d in bufs:
+            assert cu.conv_route(d["x"].shape, d["w"].shape, *d["c"][7:11],
+                                 d is bufs[0], residual=True) == route
+        g.close()
+    finally:
+        cu._force_gemm = None
+
+
+# --------------------------------------------------------------------------
 # fc
 
 FC_CASES = [
@@ -362,7 +528,7 @@ def test_out_of_memory_is_a_clear_memory_error(cu):
 
 
 def test_contract_names(cu):
-    for fn in ("conv2d", "fc", "affine", "relu", "add", "max_pool", "avg_pool", "softmax",
+    for fn in ("conv2d", "conv2d_residual", "fc", "affine", "relu", "add", "max_pool", "avg_pool", "softmax",
                "empty", "asarray", "to_numpy"):
         assert callable(getattr(cu, fn)), fn
     assert cu.name == "cuda"

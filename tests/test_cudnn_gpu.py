@@ -278,6 +278,158 @@ def test_backend_info_reports_each_convolution(fresh):
     assert [c["relu"] for c in info["convolutions"]] == [False, True]
 
 
+# -- conv2d_residual: z added before the activation (fused: alpha2 = 1) ----------------
+def run_res(x, w, b, z, stride, pad, relu, fn=None):
+    import pycuda.driver as drv
+    import pycuda.gpuarray as ga
+    fn = fn or cudnn.conv2d_residual
+    y = ga.to_gpu(np.full(z.shape, np.nan, np.float32))
+    zg = ga.to_gpu(z)
+    fn(ga.to_gpu(x), ga.to_gpu(w), None if b is None else ga.to_gpu(b), zg, y,
+       stride[0], stride[1], pad[0], pad[1], relu)
+    drv.Context.synchronize()
+    assert np.array_equal(zg.get(), z)          # z is only read
+    return y.get()
+
+
+def out_shape(xs, ws, stride, pad):
+    return (xs[0], ws[0], 1 + (xs[2] + 2 * pad[0] - ws[2]) // stride[0],
+            1 + (xs[3] + 2 * pad[1] - ws[3]) // stride[1])
+
+
+def reference_res(x, w, b, z, stride, pad, relu):
+    y = reference(x, w, b, stride, pad, False) + z
+    return np.maximum(y, 0) if relu else y
+
+
+def residual(xs, ws, stride, pad, seed=0):
+    return np.random.default_rng(seed + 100).standard_normal(
+        out_shape(xs, ws, stride, pad)).astype(np.float32)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[1])))
+def test_cudnn_residual_vs_numpy(fresh, shape, bias, relu):
+    xs, ws, stride, pad = shape
+    x, w, b = data(xs, ws, bias)
+    z = residual(xs, ws, stride, pad)
+    close(run_res(x, w, b, z, stride, pad, relu), reference_res(x, w, b, z, stride, pad, relu))
+    info = cudnn.conv_path(xs, ws, *stride, *pad, relu, residual=True)
+    assert info["calls"] == 1 and info["algorithm"] in cudnn.FWD_ALGOS
+    expected = cudnn.fused_policy(cudnn.version(), info["algorithm"],
+                                  cudnn.RELU if relu else cudnn.IDENTITY)
+    assert info["path"] == expected or info["fallback"]
+    assert cudnn.conv_path(xs, ws, *stride, *pad, relu)["calls"] == 0   # conv2d's own count
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s[1])))
+def test_residual_fault_injection_falls_back_to_the_same_result(fresh, shape, relu):
+    xs, ws, stride, pad = shape
+    x, w, b = data(xs, ws, True, seed=1)
+    z = residual(xs, ws, stride, pad, seed=1)
+    cudnn.set_fused(False)
+    unfused = run_res(x, w, b, z, stride, pad, relu)
+    cudnn.reset()
+    cudnn.set_fused(None)
+    with cudnn.inject_not_supported() as inj:
+        injected = run_res(x, w, b, z, stride, pad, relu)
+        path = cudnn.conv_path(xs, ws, *stride, *pad, relu, residual=True)
+    np.testing.assert_array_equal(injected, unfused)       # the same calls: bit for bit
+    close(injected, reference_res(x, w, b, z, stride, pad, relu))
+    policy = cudnn.fused_policy(cudnn.version(), path["algorithm"],
+                                cudnn.RELU if relu else cudnn.IDENTITY)
+    if policy == cudnn.FUSED:
+        assert inj["count"] == 1 and path["fallback"] == "NOT_SUPPORTED"
+        assert path["path"] == cudnn.UNFUSED
+        # the residual's fallback is its own: plain conv2d still tries the fused call
+        assert cudnn.conv_path(xs, ws, *stride, *pad, relu)["path"] == cudnn.FUSED
+    again = run_res(x, w, b, z, stride, pad, relu)         # remembered after the injection
+    np.testing.assert_array_equal(again, unfused)
+    assert cudnn.conv_path(xs, ws, *stride, *pad, relu, residual=True)["path"] == cudnn.UNFUSED
+    close(run(x, w, b, stride, pad, relu), reference(x, w, b, stride, pad, relu))
+
+
+def test_residual_rejects_aliasing(fresh):
+    import pycuda.gpuarray as ga
+    xs, ws, stride, pad = SHAPES[0]
+    x, w, b = data(xs, ws, True)
+    xg, wg, bg = ga.to_gpu(x), ga.to_gpu(w), ga.to_gpu(b)
+    ys = out_shape(xs, ws, stride, pad)
+    y = ga.zeros(ys, np.float32)
+    with pytest.raises(ValueError, match="z"):
+        cudnn.conv2d_residual(xg, wg, bg, y, y, *stride, *pad, True)
+    buf = ga.zeros((ys[0] + 1,) + ys[1:], np.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        cudnn.conv2d_residual(xg, wg, bg, buf[1:], buf[:-1], *stride, *pad, True)
+    with pytest.raises(ValueError, match="shape"):
+        cudnn.conv2d_residual(xg, wg, bg, ga.zeros((1,) + ys[1:], np.float32), y,
+                              *stride, *pad, True)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[1])))
+def test_residual_own_and_cudnn_routes(fresh, shape, relu):
+    """The backend's conv2d_residual on each route (and cuDNN's fallback through fault
+    injection) against the reference; conv_route reports the residual route."""
+    be = _own_kernels()
+    if be is None or not hasattr(be, "conv2d_residual"):
+        pytest.skip("minidnn.backends.cuda with conv2d_residual is not usable here")
+    xs, ws, stride, pad = shape
+    x, w, b = data(xs, ws, True, seed=8)
+    z = residual(xs, ws, stride, pad, seed=8)
+    ref = reference_res(x, w, b, z, stride, pad, relu)
+    got = {}
+    try:
+        for route in ("own", "cudnn", "fallback"):
+            be.set_conv_route("cudnn" if route == "fallback" else route)
+            if route == "fallback":
+                cudnn.reset()
+                with cudnn.inject_not_supported():
+                    got[route] = run_res(x, w, b, z, stride, pad, relu, fn=be.conv2d_residual)
+                info = cudnn.conv_path(xs, ws, *stride, *pad, relu, residual=True)
+                assert info["path"] == cudnn.UNFUSED, info
+            else:
+                got[route] = run_res(x, w, b, z, stride, pad, relu, fn=be.conv2d_residual)
+            assert be.conv_route(xs, ws, *stride, *pad, relu, residual=True) == \
+                ("own" if route == "own" else "cudnn")
+            assert be.conv_route(xs, ws, *stride, *pad, relu) is None
+            close(got[route], ref)
+    finally:
+        be.set_conv_route("auto")
+    scale = max(1.0, float(np.abs(ref).max()))
+    assert float(np.abs(got["own"] - got["cudnn"]).max()) / scale < 2e-5
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_graph_capture_replays_cudnn_residual(fresh, fused):
+    """The fused residual call and the unfused calls (AddTensor(z)) replay in a graph."""
+    import pycuda.driver as drv
+    import pycuda.gpuarray as ga
+    be = _own_kernels()
+    if be is None or not hasattr(be, "capture"):
+        pytest.skip("minidnn.backends.cuda with capture() is not usable here")
+    cudnn.set_fused(None if fused else False)
+    xs, ws, stride, pad = SHAPES[4]
+    x, w, b = data(xs, ws, True, seed=6)
+    z = residual(xs, ws, stride, pad, seed=6)
+    xg, wg, bg, zg = ga.to_gpu(x), ga.to_gpu(w), ga.to_gpu(b), ga.to_gpu(z)
+    yg = ga.zeros(z.shape, np.float32)
+    g = be.capture(lambda: cudnn.conv2d_residual(xg, wg, bg, zg, yg, *stride, *pad, True))
+    yg.fill(np.float32(np.nan))
+    drv.Context.synchronize()
+    rng = np.random.default_rng(7)
+    x2 = rng.standard_normal(xs).astype(np.float32)
+    z2 = rng.standard_normal(z.shape).astype(np.float32)
+    xg.set(x2)
+    zg.set(z2)
+    g.launch()
+    drv.Context.synchronize()
+    close(yg.get(), reference_res(x2, w, b, z2, stride, pad, True))
+    g.close()
+
+
 def test_one_build_per_process(gpu):
     """Every libcudnn file mapped comes from the folder of the library in use."""
     xs, ws, stride, pad = SHAPES[0]

@@ -11,6 +11,8 @@ the reference machine; tests force each path):
     bias/ReLU epilogue per block; kept where it wins (strided convs with
     output rows narrower than 8 at batch > 1, ragged last tiles of 5-15
     columns that are mostly padding) and on machines without AVX2.
+conv2d_residual shares all of it: the residual z is one more pointer (NULL
+for conv2d) that every epilogue above adds after the bias, before the ReLU.
 fc at <= 4 samples (batch 1) runs as dot products along D (the narrow-tile
 kernel of gemm_avx2.h) instead of sgemm, which packs w for a matrix-vector
 product (ResNet-18's fc1000: 0.21 -> 0.025 ms).
@@ -41,6 +43,7 @@ cdef extern from "gemm_avx2.h" nogil:
         const float* x
         const float* w
         const float* b
+        const float* z
         float* y
         int N, K, R, C, F, nr, nc, sy, sx, py, px, Ro, Co, P, KRS
         int relu
@@ -55,7 +58,7 @@ cdef extern from "gemm_avx2.h" nogil:
                                float* pbuf)
     void mdnn_kernel_narrow(int mr, int w, int kc, const float* a, long lda,
                             const float* bt, float* out, const long* yoff, long ldo,
-                            int mode, const float* bias, int relu)
+                            int mode, const float* bias, const float* zb, int relu)
     int MDNN_EPI
 
 cdef extern from "<stdlib.h>" nogil:
@@ -111,11 +114,25 @@ def workspace_bytes():
 # ------------------------------------------------------------------ helpers
 
 cdef inline void _epilogue(float* y, isize ld, int rows, int cols,
-                           const float* b, bint relu) noexcept nogil:
-    """y[r*ld + c] += b[r] (if b), then max(., 0) (if relu); rows x cols."""
+                           const float* b, const float* z, bint relu) noexcept nogil:
+    """y[r*ld + c] += b[r] (if b) + z[r*ld + c] (if z: the residual, laid out
+    like y), then max(., 0) (if relu); rows x cols."""
     cdef int r, c
     cdef float bv
     cdef float* yr
+    cdef const float* zr
+    if z != NULL:
+        for r in range(rows):
+            yr = y + r * ld
+            zr = z + r * ld
+            bv = b[r] if b != NULL else 0.0
+            if relu:
+                for c in range(cols):
+                    yr[c] = max(yr[c] + bv + zr[c], <float>0.0)
+            else:
+                for c in range(cols):
+                    yr[c] = yr[c] + bv + zr[c]
+        return
     if b == NULL and not relu:
         return
     for r in range(rows):
@@ -189,6 +206,7 @@ cdef struct ConvArgs:
     const float* x
     const float* w
     const float* b
+    const float* z     # residual (N, F, P), or NULL (plain conv2d)
     float* y
     float* ws          # nthreads * ws_per_thread floats
     isize ws_per_thread
@@ -204,7 +222,7 @@ cdef struct ConvArgs:
 cdef void _conv_task(const ConvArgs* a, isize task, int tid) noexcept nogil:
     """One task = (sample group, pixel chunk, filter block): im2col of the
     chunk into this thread's workspace, one single-threaded sgemm, then the
-    bias/relu epilogue on the block while it is still in cache."""
+    bias/residual/relu epilogue on the block while it is still in cache."""
     cdef int per_g = a.n_pc * a.n_fb
     cdef int g = <int>(task // per_g)
     cdef int r = <int>(task - <isize>g * per_g)
@@ -217,6 +235,8 @@ cdef void _conv_task(const ConvArgs* a, isize task, int tid) noexcept nogil:
     cdef isize xs = <isize>a.K * a.R * a.C, ys = <isize>a.F * a.P
     cdef const float* xn = a.x + n0 * xs
     cdef float* yn = a.y + n0 * ys
+    cdef const float* zn = a.z + n0 * ys if a.z != NULL else NULL
+    cdef const float* zs
     cdef float* col = a.ws + tid * a.ws_per_thread
     cdef float* out
     cdef float* A
@@ -239,7 +259,8 @@ cdef void _conv_task(const ConvArgs* a, isize task, int tid) noexcept nogil:
         sgemm(b"N", b"N", &pwid, &fwid, &kk, &one, A, &lda,
               <float*>a.w + <isize>f0 * a.KRS, &ldb, &zero, yn + <isize>f0 * a.P + p0, &ldc)
         _epilogue(yn + <isize>f0 * a.P + p0, a.P, fwid, pwid,
-                  a.b + f0 if a.b != NULL else NULL, a.relu)
+                  a.b + f0 if a.b != NULL else NULL,
+                  zn + <isize>f0 * a.P + p0 if zn != NULL else NULL, a.relu)
         return
     # Few pixels per sample: one GEMM over gn samples side by side
     # (m = gn*P columns), so sgemm gets a wide panel and packs w once per
@@ -264,7 +285,15 @@ cdef void _conv_task(const ConvArgs* a, isize task, int tid) noexcept nogil:
             src = out + <isize>f * m + s * a.P
             dst = yn + s * ys + <isize>(f0 + f) * a.P
             bv = a.b[f0 + f] if a.b != NULL else 0.0
-            if a.relu:
+            if zn != NULL:
+                zs = zn + s * ys + <isize>(f0 + f) * a.P
+                if a.relu:
+                    for p in range(a.P):
+                        dst[p] = max(src[p] + bv + zs[p], <float>0.0)
+                else:
+                    for p in range(a.P):
+                        dst[p] = src[p] + bv + zs[p]
+            elif a.relu:
                 for p in range(a.P):
                     dst[p] = max(src[p] + bv, <float>0.0)
             else:
@@ -486,7 +515,7 @@ cdef bint _use_implicit(const ConvArgs* a) noexcept nogil:
 
 cdef void _conv_implicit(const ConvArgs* a, int nt) except *:
     cdef IgArgs g
-    g.c.x = a.x; g.c.w = a.w; g.c.b = a.b; g.c.y = a.y
+    g.c.x = a.x; g.c.w = a.w; g.c.b = a.b; g.c.z = a.z; g.c.y = a.y
     g.c.N = a.N; g.c.K = a.K; g.c.R = a.R; g.c.C = a.C; g.c.F = a.F
     g.c.nr = a.nr; g.c.nc = a.nc; g.c.sy = a.sy; g.c.sx = a.sx
     g.c.py = a.py; g.c.px = a.px; g.c.Ro = a.Ro; g.c.Co = a.Co
@@ -568,41 +597,69 @@ def _ig_plan_for(x_shape, w_shape, int stride_y, int stride_x, int pad_y, int pa
 def conv2d(x, w, b, y, int stride_y, int stride_x, int pad_y, int pad_x, bint relu):
     """y (N,F,Ro,Co) = cross-correlation of x (N,K,R,C) with w (F,K,nr,nc),
     zero padding, + b (F,) if b is not None, then max(., 0) if relu."""
-    cdef cnp.ndarray ax = _f32_nd(x, "conv2d x", 4)
-    cdef cnp.ndarray aw = _f32_nd(w, "conv2d w", 4)
-    cdef cnp.ndarray ay = _f32_nd(y, "conv2d y", 4, True)
+    _conv(x, w, b, None, y, stride_y, stride_x, pad_y, pad_x, relu, "conv2d")
+
+
+def conv2d_residual(x, w, b, z, y, int stride_y, int stride_x, int pad_y, int pad_x,
+                    bint relu):
+    """As conv2d, plus the residual z (N,F,Ro,Co, the shape of y) added in the
+    same epilogue, before the relu: y = max?(conv(x, w) + b + z, 0). z must
+    not share memory with y (it may with x or w: it is only read)."""
+    _conv(x, w, b, z, y, stride_y, stride_x, pad_y, pad_x, relu, "conv2d_residual")
+
+
+cdef int _conv(x, w, b, z, y, int stride_y, int stride_x, int pad_y, int pad_x, bint relu,
+               str op) except -1:
+    """conv2d (z is None) and conv2d_residual: validation, then one of the
+    paths, the residual threaded through their epilogues as a pointer
+    (NULL for conv2d)."""
+    cdef cnp.ndarray ax = _f32_nd(x, op + " x", 4)
+    cdef cnp.ndarray aw = _f32_nd(w, op + " w", 4)
+    cdef cnp.ndarray ay = _f32_nd(y, op + " y", 4, True)
     cdef cnp.ndarray ab = None
+    cdef cnp.ndarray az = None
     cdef ConvArgs a
     cdef isize N = _dim(ax, 0), K = _dim(ax, 1), R = _dim(ax, 2), C = _dim(ax, 3)
     cdef isize F = _dim(aw, 0), nr = _dim(aw, 2), nc = _dim(aw, 3)
     cdef isize Ro, Co
     if stride_y < 1 or stride_x < 1 or pad_y < 0 or pad_x < 0:
-        raise ValueError(f"conv2d: strides must be >= 1 and pads >= 0, got "
+        raise ValueError(f"{op}: strides must be >= 1 and pads >= 0, got "
                          f"stride ({stride_y}, {stride_x}) pad ({pad_y}, {pad_x})")
     if _dim(aw, 1) != K:
-        raise ValueError(f"conv2d: w {_shape(aw)} does not match x {_shape(ax)} (channels)")
+        raise ValueError(f"{op}: w {_shape(aw)} does not match x {_shape(ax)} (channels)")
     if nr < 1 or nc < 1 or nr > R + 2 * pad_y or nc > C + 2 * pad_x:
-        raise ValueError(f"conv2d: filter {nr}x{nc} does not fit the padded input "
+        raise ValueError(f"{op}: filter {nr}x{nc} does not fit the padded input "
                          f"{R}x{C} (pad {pad_y}, {pad_x})")
     Ro = 1 + (R + 2 * pad_y - nr) // stride_y
     Co = 1 + (C + 2 * pad_x - nc) // stride_x
     if _dim(ay, 0) != N or _dim(ay, 1) != F or _dim(ay, 2) != Ro or _dim(ay, 3) != Co:
-        raise ValueError(f"conv2d: y has shape {_shape(ay)}, expected {(N, F, Ro, Co)}")
+        raise ValueError(f"{op}: y has shape {_shape(ay)}, expected {(N, F, Ro, Co)}")
     if b is not None:
-        ab = _f32(b, "conv2d b")
+        ab = _f32(b, op + " b")
         if cnp.PyArray_SIZE(ab) != F:
-            raise ValueError(f"conv2d: b has {cnp.PyArray_SIZE(ab)} elements, expected {F}")
-    _no_alias(ay, ax, "conv2d")
-    _no_alias(ay, aw, "conv2d")
-    _check_int(K * nr * nc * max(Ro * Co, F), "conv2d K*nr*nc*max(Ro*Co, F)")
-    _check_int(N * Ro * Co, "conv2d N*Ro*Co")
-    _check_int(K * R * C, "conv2d K*R*C")
-    _check_int(F * Ro * Co, "conv2d F*Ro*Co")
+            raise ValueError(f"{op}: b has {cnp.PyArray_SIZE(ab)} elements, expected {F}")
+    if op == "conv2d_residual":
+        if z is None:
+            raise ValueError("conv2d_residual: z (the residual) is required")
+        az = _f32_nd(z, "conv2d_residual z", 4)
+        if not _same_shape(az, ay):
+            raise ValueError(f"conv2d_residual: z has shape {_shape(az)}, expected the "
+                             f"shape of y {(N, F, Ro, Co)}")
+        if _overlap(ay, az):
+            raise ValueError("conv2d_residual: the residual z must not share memory with "
+                             "the output y")
+    _no_alias(ay, ax, op)
+    _no_alias(ay, aw, op)
+    _check_int(K * nr * nc * max(Ro * Co, F), op + " K*nr*nc*max(Ro*Co, F)")
+    _check_int(N * Ro * Co, op + " N*Ro*Co")
+    _check_int(K * R * C, op + " K*R*C")
+    _check_int(F * Ro * Co, op + " F*Ro*Co")
     if N == 0 or F == 0 or Ro * Co == 0:
-        return
+        return 0
 
     a.x = _ptr(ax); a.w = _ptr(aw); a.y = _ptr(ay)
     a.b = _ptr(ab) if ab is not None else NULL
+    a.z = _ptr(az) if az is not None else NULL
     a.N = <int>N; a.K = <int>K; a.R = <int>R; a.C = <int>C; a.F = <int>F
     a.nr = <int>nr; a.nc = <int>nc; a.sy = stride_y; a.sx = stride_x
     a.py = pad_y; a.px = pad_x; a.Ro = <int>Ro; a.Co = <int>Co
@@ -615,7 +672,7 @@ def conv2d(x, w, b, y, int stride_y, int stride_x, int pad_y, int pad_x, bint re
         nt = 1
     if a.KRS > 0 and _use_implicit(&a):
         _conv_implicit(&a, nt)
-        return
+        return 0
     _plan(&a, nt)
     cdef isize ntasks = <isize>a.n_g * a.n_pc * a.n_fb
     if ntasks < nt:
@@ -634,6 +691,7 @@ def conv2d(x, w, b, y, int stride_y, int stride_x, int pad_y, int pad_x, bint re
                     _conv_task(&a, t, threadid())
     finally:
         _workspace_release(ws, private)
+    return 0
 
 
 def _conv_plan(x_shape, w_shape, int stride_y, int stride_x, int pad_y, int pad_x, int nt):
@@ -664,7 +722,7 @@ cdef void _fc_gemv(const float* x, const float* w, const float* b, float* y,
     while o < o0 + no:
         mr = o0 + no - o if o0 + no - o < MDNN_MR else MDNN_MR
         mdnn_kernel_narrow(mr, N, D, w + <isize>o * D, D, x, y + o, yoff, 1, MDNN_EPI,
-                           b + o if b != NULL else NULL, relu)
+                           b + o if b != NULL else NULL, NULL, relu)
         o += mr
 
 

@@ -2,7 +2,8 @@
  * AVX2/FMA micro-kernel whose B operand comes straight from the image (no
  * materialised im2col matrix).
  *
- *   y[n] (F x P) = W (F x KRS) * col(x[n]) (KRS x P), then + b[f], max(0, .)
+ *   y[n] (F x P) = W (F x KRS) * col(x[n]) (KRS x P), then + b[f], + z[n]
+ *   (the residual of conv2d_residual, if any), max(0, .)
  *
  * The columns of the GEMM are the flattened output pixels of all samples,
  * q = n*P + p (0 <= q < N*P), so small images (P = 49, 64) still give wide
@@ -21,9 +22,11 @@
  *   - a ragged last tile of <= MDNN_NARROW (4) columns (batch 1 at 7x7:
  *     49 = 3*16 + 1) runs as dot products along K (mdnn_kernel_narrow), not
  *     as a 16-column tile that is mostly padding.
- *   - the result is stored along pixels (contiguous in y), with the bias and
- *     ReLU applied in the store of the last K block (epilogue); tiles that
- *     straddle samples or the ragged end go through a scratch tile.
+ *   - the result is stored along pixels (contiguous in y), with the bias,
+ *     the residual z (read at y's offsets; c->z == NULL for plain conv2d)
+ *     and the ReLU applied in the store of the last K block (epilogue);
+ *     tiles that straddle samples or the ragged end go through a scratch
+ *     tile.
  * Without AVX2+FMA a portable C micro-kernel is used for the packed variant
  * (conv2d then prefers OpenBLAS; the tests force this path anyway).
  *
@@ -55,6 +58,7 @@ typedef struct {
     const float* x;     /* (N, K, R, C) */
     const float* w;     /* (F, K, nr, nc) = (F, KRS) row-major */
     const float* b;     /* (F,) or NULL */
+    const float* z;     /* (N, F, Ro, Co) residual added before the relu, or NULL */
     float* y;           /* (N, F, Ro, Co) */
     int N, K, R, C, F, nr, nc, sy, sx, py, px, Ro, Co, P, KRS;
     int relu;
@@ -234,7 +238,9 @@ static __attribute__((noinline)) void mdnn_pack_b(const mdnn_conv_t* c, long q0,
 
 /* ---------------------------------------------------------- micro-kernel */
 
-/* mode: 0 = overwrite, 1 = accumulate, and bit 2 = apply bias/relu.
+/* mode: 0 = overwrite, 1 = accumulate, and bit 2 = apply the epilogue:
+ * + bias[r], + zt[r*ldo + u] (the residual, laid out like out; NULL: none),
+ * then max(0, .) if relu.
  * out: row stride ldo; if out is a scratch tile (scatter path) ldo = NR. */
 #define MDNN_ACC 1
 #define MDNN_EPI 2
@@ -243,7 +249,7 @@ static __attribute__((noinline)) void mdnn_pack_b(const mdnn_conv_t* c, long q0,
 static inline __attribute__((always_inline)) void
 mdnn_kernel_avx2(int mr, int kc, const float* a, long lda, const float* bp,
                  const int* boff, long b1off, float* out, long ldo, int mode,
-                 const float* bias, int relu)
+                 const float* bias, const float* zt, int relu)
 {
     __m256 c0[MDNN_MR], c1[MDNN_MR];
     int r, k;
@@ -277,6 +283,10 @@ mdnn_kernel_avx2(int mr, int kc, const float* a, long lda, const float* bp,
                     v0 = _mm256_add_ps(v0, bv);
                     v1 = _mm256_add_ps(v1, bv);
                 }
+                if (zt) {
+                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(zt + r * ldo));
+                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(zt + r * ldo + 8));
+                }
                 if (relu) {
                     /* max(0, v): a NaN in v passes through, as in numpy */
                     v0 = _mm256_max_ps(_mm256_setzero_ps(), v0);
@@ -293,7 +303,7 @@ mdnn_kernel_avx2(int mr, int kc, const float* a, long lda, const float* bp,
 /* Portable micro-kernel: same contract. */
 static inline void
 mdnn_kernel_c(int mr, int kc, const float* a, long lda, const float* bp,
-              float* out, long ldo, int mode, const float* bias, int relu)
+              float* out, long ldo, int mode, const float* bias, const float* zt, int relu)
 {
     float acc[MDNN_MR][MDNN_NR];
     int r, k, u;
@@ -313,6 +323,7 @@ mdnn_kernel_c(int mr, int kc, const float* a, long lda, const float* bp,
             if (mode & MDNN_ACC) v += o[u];
             if (mode & MDNN_EPI) {
                 if (bias) v += bias[r];
+                if (zt) v += zt[r * ldo + u];
                 if (relu && v < 0.0f) v = 0.0f;
             }
             o[u] = v;
@@ -321,34 +332,35 @@ mdnn_kernel_c(int mr, int kc, const float* a, long lda, const float* bp,
 }
 
 static void mdnn_kernel(int mr, int kc, const float* a, long lda, const float* bp,
-                        float* out, long ldo, int mode, const float* bias, int relu)
+                        float* out, long ldo, int mode, const float* bias, const float* zt,
+                        int relu)
 {
 #if MDNN_HAVE_AVX2
     switch (mr) {   /* constant mr: the row loops unroll, unused rows vanish */
-    case 6: mdnn_kernel_avx2(6, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, relu); return;
-    case 5: mdnn_kernel_avx2(5, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, relu); return;
-    case 4: mdnn_kernel_avx2(4, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, relu); return;
-    case 3: mdnn_kernel_avx2(3, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, relu); return;
-    case 2: mdnn_kernel_avx2(2, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, relu); return;
-    default: mdnn_kernel_avx2(1, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, relu); return;
+    case 6: mdnn_kernel_avx2(6, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, zt, relu); return;
+    case 5: mdnn_kernel_avx2(5, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, zt, relu); return;
+    case 4: mdnn_kernel_avx2(4, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, zt, relu); return;
+    case 3: mdnn_kernel_avx2(3, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, zt, relu); return;
+    case 2: mdnn_kernel_avx2(2, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, zt, relu); return;
+    default: mdnn_kernel_avx2(1, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, zt, relu); return;
     }
 #else
-    mdnn_kernel_c(mr, kc, a, lda, bp, out, ldo, mode, bias, relu);
+    mdnn_kernel_c(mr, kc, a, lda, bp, out, ldo, mode, bias, zt, relu);
 #endif
 }
 
 #if MDNN_HAVE_AVX2
 static void mdnn_kernel_d(int mr, int kc, const float* a, long lda, const float* bp,
                           const int* boff, long b1off, float* out, long ldo, int mode,
-                          const float* bias, int relu)
+                          const float* bias, const float* zt, int relu)
 {
     switch (mr) {
-    case 6: mdnn_kernel_avx2(6, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, relu); return;
-    case 5: mdnn_kernel_avx2(5, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, relu); return;
-    case 4: mdnn_kernel_avx2(4, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, relu); return;
-    case 3: mdnn_kernel_avx2(3, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, relu); return;
-    case 2: mdnn_kernel_avx2(2, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, relu); return;
-    default: mdnn_kernel_avx2(1, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, relu); return;
+    case 6: mdnn_kernel_avx2(6, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, zt, relu); return;
+    case 5: mdnn_kernel_avx2(5, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, zt, relu); return;
+    case 4: mdnn_kernel_avx2(4, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, zt, relu); return;
+    case 3: mdnn_kernel_avx2(3, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, zt, relu); return;
+    case 2: mdnn_kernel_avx2(2, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, zt, relu); return;
+    default: mdnn_kernel_avx2(1, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, zt, relu); return;
     }
 }
 #endif
@@ -376,7 +388,7 @@ static inline float mdnn_hsum(__m256 v)
 static inline __attribute__((always_inline)) void
 mdnn_narrow_avx2(const int mr, const int uw, int kc, const float* a, long lda,
                  const float* bt, float* out, const long* yoff, long ldo, int mode,
-                 const float* bias, int relu)
+                 const float* bias, const float* zb, int relu)
 {
     __m256 acc[MDNN_MR][2];
     int r, u, k;
@@ -417,6 +429,7 @@ mdnn_narrow_avx2(const int mr, const int uw, int kc, const float* a, long lda,
                 if (mode & MDNN_ACC) v += *o;
                 if (mode & MDNN_EPI) {
                     if (bias) v += bias[r];
+                    if (zb) v += zb[yoff[u] + r * ldo];
                     if (relu) v = v > 0.0f ? v : (v == v ? 0.0f : v);
                 }
                 *o = v;
@@ -427,18 +440,18 @@ mdnn_narrow_avx2(const int mr, const int uw, int kc, const float* a, long lda,
 
 #define MDNN_NARROW_CASES(UW)                                                              \
     switch (mr) {                                                                          \
-    case 6: mdnn_narrow_avx2(6, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, relu); break; \
-    case 5: mdnn_narrow_avx2(5, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, relu); break; \
-    case 4: mdnn_narrow_avx2(4, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, relu); break; \
-    case 3: mdnn_narrow_avx2(3, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, relu); break; \
-    case 2: mdnn_narrow_avx2(2, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, relu); break; \
-    default: mdnn_narrow_avx2(1, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, relu); break; \
+    case 6: mdnn_narrow_avx2(6, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, zb, relu); break; \
+    case 5: mdnn_narrow_avx2(5, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, zb, relu); break; \
+    case 4: mdnn_narrow_avx2(4, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, zb, relu); break; \
+    case 3: mdnn_narrow_avx2(3, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, zb, relu); break; \
+    case 2: mdnn_narrow_avx2(2, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, zb, relu); break; \
+    default: mdnn_narrow_avx2(1, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, zb, relu); break; \
     }
 
 /* w <= MDNN_NARROW columns, in pairs */
 static void mdnn_kernel_narrow(int mr, int w, int kc, const float* a, long lda,
                                const float* bt, float* out, const long* yoff, long ldo,
-                               int mode, const float* bias, int relu)
+                               int mode, const float* bias, const float* zb, int relu)
 {
     for (; w >= 2; w -= 2, bt += 2 * (long)kc, yoff += 2) {
         MDNN_NARROW_CASES(2)
@@ -452,7 +465,7 @@ static void mdnn_kernel_narrow(int mr, int w, int kc, const float* a, long lda,
  * it must exist for the extension to link). */
 static void mdnn_kernel_narrow(int mr, int w, int kc, const float* a, long lda,
                                const float* bt, float* out, const long* yoff, long ldo,
-                               int mode, const float* bias, int relu)
+                               int mode, const float* bias, const float* zb, int relu)
 {
     int r, u, k;
     for (r = 0; r < mr; r++) {
@@ -463,6 +476,7 @@ static void mdnn_kernel_narrow(int mr, int w, int kc, const float* a, long lda,
             if (mode & MDNN_ACC) v += *o;
             if (mode & MDNN_EPI) {
                 if (bias) v += bias[r];
+                if (zb) v += zb[yoff[u] + r * ldo];
                 if (relu && v < 0.0f) v = 0.0f;
             }
             *o = v;
@@ -532,7 +546,8 @@ static void mdnn_conv_task(const mdnn_conv_t* c, long q0, int ncols, int f0, int
                         mr = mdnn_tile_rows(f, me);
                         mdnn_kernel_narrow(mr, width, kc, c->w + (long)f * KRS + k0, KRS, bt,
                                            c->y + (long)f * P, yoff, P, mode,
-                                           c->b ? c->b + f : NULL, c->relu);
+                                           c->b ? c->b + f : NULL,
+                                           c->z ? c->z + (long)f * P : NULL, c->relu);
                     }
                     continue;
                 }
@@ -542,19 +557,22 @@ static void mdnn_conv_task(const mdnn_conv_t* c, long q0, int ncols, int f0, int
                     const float* bias = c->b ? c->b + f : NULL;
                     mr = mdnn_tile_rows(f, me);
                     if (direct) {
-                        mdnn_kernel(mr, kc, a, KRS, bp, c->y + n * ys + (long)f * P + p, P,
-                                    mode, bias, c->relu);
+                        long o = n * ys + (long)f * P + p;
+                        mdnn_kernel(mr, kc, a, KRS, bp, c->y + o, P, mode, bias,
+                                    c->z ? c->z + o : NULL, c->relu);
                     } else {
                         /* the tile straddles samples or is the ragged end:
                          * through a scratch tile, then run by run (one
                          * sample each) into y */
                         int r, u, u0 = 0, nn = n, pp = p, run;
-                        mdnn_kernel(mr, kc, a, KRS, bp, tile, MDNN_NR, 0, NULL, 0);
+                        mdnn_kernel(mr, kc, a, KRS, bp, tile, MDNN_NR, 0, NULL, NULL, 0);
                         for (; u0 < width; u0 += run, nn++, pp = 0) {
-                            float* o = c->y + nn * ys + (long)f * P + pp;
+                            long oo = nn * ys + (long)f * P + pp;
+                            float* o = c->y + oo;
                             run = P - pp < width - u0 ? P - pp : width - u0;
                             for (r = 0; r < mr; r++) {
                                 float* orow = o + (long)r * P;
+                                const float* zrow = c->z ? c->z + oo + (long)r * P : NULL;
                                 const float* tr = tile + r * MDNN_NR + u0;
                                 float bv = bias ? bias[r] : 0.0f;
                                 for (u = 0; u < run; u++) {
@@ -562,6 +580,7 @@ static void mdnn_conv_task(const mdnn_conv_t* c, long q0, int ncols, int f0, int
                                     if (mode & MDNN_ACC) v += orow[u];
                                     if (mode & MDNN_EPI) {
                                         v += bv;
+                                        if (zrow) v += zrow[u];
                                         if (c->relu && v < 0.0f) v = 0.0f;
                                     }
                                     orow[u] = v;
@@ -695,9 +714,10 @@ static void mdnn_conv_task_direct(const mdnn_conv_t* c, long q0, int ncols, int 
                     int f = m0, mr;
                     for (; f < me; f += mr) {
                         mr = mdnn_tile_rows(f, me);
+                        long o = n * ys + (long)f * P + p;
                         mdnn_kernel_d(mr, kc, c->w + (long)f * KRS + k0, KRS, bb, boff, b1off,
-                                      c->y + n * ys + (long)f * P + p, P, mode,
-                                      c->b ? c->b + f : NULL, c->relu);
+                                      c->y + o, P, mode, c->b ? c->b + f : NULL,
+                                      c->z ? c->z + o : NULL, c->relu);
                     }
                 }
             }

@@ -4,9 +4,11 @@
 // PyCUDA's disk cache keys on this text alone.
 //
 // x: (N, K, R, C)   w: (F, K, nr, nc)   b: (F,) or NULL   y: (N, F, Ro, Co)
+// z: (N, F, Ro, Co) or NULL: a residual added before the relu (conv2d_residual);
+//    it never aliases y.
 //
 // GEMM view, per output element:
-//   y[f, p] = sum_q w[f, q] * X[q, p]  (+ b[f], then max(., 0) if relu)
+//   y[f, p] = sum_q w[f, q] * X[q, p]  (+ b[f], + z[f, p], then max(., 0) if relu)
 //   f in [0, F)                  GEMM rows     (M)
 //   p = (n, oy, ox), P = Ro*Co   GEMM columns  (Ncols = N*P)
 //   q = (k, r, c)                reduction     (Kd = K*nr*nc; w is (F, Kd) row-major)
@@ -16,16 +18,16 @@
 // is a per-shape table the host builds once, so the gather needs no division.
 //
 // Split-K: blockIdx.z takes the reduction range [z*kchunk, (z+1)*kchunk);
-// with gridDim.z > 1 the host passes b = NULL, relu = 0 and out_zstride =
+// with gridDim.z > 1 the host passes b = z = NULL, relu = 0 and out_zstride =
 // |y|, each slice writes raw partial sums to its own slab of a workspace, and
-// eltwise.cu's splitk_reduce adds them up and applies bias and ReLU.
+// eltwise.cu's splitk_reduce adds them up and applies bias, residual and ReLU.
 
 #define SMEM_PAD 4   // keeps float4 alignment, breaks store bank conflicts
 
 template <int BM, int BN, int BK, int TM, int TN>
 __device__ __forceinline__ void conv_igemm(
     const float* __restrict__ x, const float* __restrict__ w,
-    const float* __restrict__ b, float* __restrict__ y,
+    const float* __restrict__ b, const float* __restrict__ z, float* __restrict__ y,
     const int2* __restrict__ tab,
     int F, int Kd, int R, int C, int KRC, int Co, int P, int Ncols,
     int sy, int sx, int py, int px, int relu, int kchunk,
@@ -138,7 +140,9 @@ __device__ __forceinline__ void conv_igemm(
         buf ^= 1;
     }
 
-    // Epilogue: bias, ReLU, store to y (N, F, Ro, Co) or to this slice's slab.
+    // Epilogue: bias, residual, ReLU, store to y (N, F, Ro, Co) or to this
+    // slice's slab. z (same layout and alignment class as y) is read at the
+    // offsets y is written to.
     float* out = y + (long long)blockIdx.z * out_zstride;
 #pragma unroll
     for (int gi = 0; gi < GM; ++gi)
@@ -153,24 +157,30 @@ __device__ __forceinline__ void conv_igemm(
             if (p >= Ncols) continue;
             float v[4];
 #pragma unroll
-            for (int j4 = 0; j4 < 4; ++j4) {
-                float t = acc[gi * 4 + i4][gj * 4 + j4] + bias;
-                v[j4] = relu ? fmaxf(t, 0.f) : t;
-            }
+            for (int j4 = 0; j4 < 4; ++j4) v[j4] = acc[gi * 4 + i4][gj * 4 + j4] + bias;
             const int n = p / P;
             const int pix = p - n * P;
             if (vec_store && p + 3 < Ncols) {
                 // P % 4 == 0 and p % 4 == 0: the 4 columns are one sample's,
-                // consecutive and 16-byte aligned.
-                *reinterpret_cast<float4*>(out + ((size_t)n * F + f) * P + pix) =
-                    make_float4(v[0], v[1], v[2], v[3]);
+                // consecutive and 16-byte aligned (in z too).
+                const size_t o = ((size_t)n * F + f) * P + pix;
+                if (z) {
+                    const float4 r = __ldg(reinterpret_cast<const float4*>(z + o));
+                    v[0] += r.x; v[1] += r.y; v[2] += r.z; v[3] += r.w;
+                }
+#pragma unroll
+                for (int j4 = 0; j4 < 4; ++j4) v[j4] = relu ? fmaxf(v[j4], 0.f) : v[j4];
+                *reinterpret_cast<float4*>(out + o) = make_float4(v[0], v[1], v[2], v[3]);
             } else {
 #pragma unroll
                 for (int j4 = 0; j4 < 4; ++j4) {
                     const int pj = p + j4;
                     if (pj < Ncols) {
                         const int nj = pj / P;
-                        out[((size_t)nj * F + f) * P + (pj - nj * P)] = v[j4];
+                        const size_t o = ((size_t)nj * F + f) * P + (pj - nj * P);
+                        float t = v[j4];
+                        if (z) t += __ldg(z + o);
+                        out[o] = relu ? fmaxf(t, 0.f) : t;
                     }
                 }
             }
@@ -180,12 +190,13 @@ __device__ __forceinline__ void conv_igemm(
 
 #define CONV_ARGS                                                              \
     const float* __restrict__ x, const float* __restrict__ w,                  \
-    const float* __restrict__ b, float* __restrict__ y,                        \
+    const float* __restrict__ b, const float* __restrict__ z,                  \
+    float* __restrict__ y,                                                     \
     const int2* __restrict__ tab,                                              \
     int F, int Kd, int R, int C, int KRC, int Co, int P, int Ncols,            \
     int sy, int sx, int py, int px, int relu, int kchunk,                      \
     long long out_zstride, int vec_store
-#define CONV_PASS x, w, b, y, tab, F, Kd, R, C, KRC, Co, P, Ncols, sy, sx, py, px, \
+#define CONV_PASS x, w, b, z, y, tab, F, Kd, R, C, KRC, Co, P, Ncols, sy, sx, py, px, \
     relu, kchunk, out_zstride, vec_store
 
 // 128 filters x 128 pixels per block, 8x8 per thread: large layers.

@@ -66,16 +66,18 @@ extern "C" __global__ void affine_v4(const float4* x, const float* __restrict__ 
 
 // Split-K epilogue for conv.cu and gemm.cu: ws holds S slabs of n partial
 // sums each, in y's layout. y[i] = sum_s ws[s*n + i] + b[(i / inner) % F]
-// (b may be NULL), then relu. conv: inner = Ro*Co, F = filters; fc: inner = 1, F = O.
+// (b may be NULL) + z[i] (z may be NULL: the residual of conv2d_residual, never
+// y itself), then relu. conv: inner = Ro*Co, F = filters; fc: inner = 1, F = O.
 extern "C" __global__ void splitk_reduce(const float* __restrict__ ws, const float* __restrict__ b,
-                                         float* __restrict__ y, int n, int S, int inner, int F,
-                                         int relu)
+                                         const float* __restrict__ z, float* __restrict__ y,
+                                         int n, int S, int inner, int F, int relu)
 {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float s = 0.f;
-    for (int z = 0; z < S; ++z) s += __ldg(ws + (size_t)z * n + i);
+    for (int k = 0; k < S; ++k) s += __ldg(ws + (size_t)k * n + i);
     if (b) s += __ldg(b + (i / inner) % F);
+    if (z) s += __ldg(z + i);
     y[i] = relu_if(s, relu);
 }
 

@@ -40,6 +40,7 @@ from minidnn import _cpu_conv, _cpu_eltwise, _cpu_pool  # noqa: E402
 name = "cpu"
 
 conv2d = _cpu_conv.conv2d
+conv2d_residual = _cpu_conv.conv2d_residual
 fc = _cpu_conv.fc
 affine = _cpu_eltwise.affine
 relu = _cpu_eltwise.relu
@@ -48,7 +49,7 @@ softmax = _cpu_eltwise.softmax
 max_pool = _cpu_pool.max_pool
 avg_pool = _cpu_pool.avg_pool
 
-__all__ = ["name", "conv2d", "fc", "affine", "relu", "add", "max_pool", "avg_pool",
+__all__ = ["name", "conv2d", "conv2d_residual", "fc", "affine", "relu", "add", "max_pool", "avg_pool",
            "softmax", "empty", "asarray", "to_numpy", "set_num_threads",
            "get_num_threads"]
 

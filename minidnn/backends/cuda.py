@@ -22,6 +22,8 @@ WHAT THIS MODULE REPRESENTS
     split-K workspace) and caches it; later calls with the same shapes do a
     dict lookup, pack the arguments and launch. Plans and their scratch live
     as long as the process, so captured graphs never see them freed.
+    conv2d_residual shares conv2d's kernels (an optional residual pointer in
+    their epilogue and in the split-K reduction; 0 for conv2d) and its routing.
     conv2d and fc (batch > 8) choose their tile and split-K factor per shape:
     a time model ranks the candidates and the best few are timed once on the
     GPU, on the caller's arrays, when the plan is built (this synchronises;
@@ -332,26 +334,35 @@ class _GemmPlan:
     """A (split-K) GEMM launch plus, when split, its reduction epilogue."""
 
     __slots__ = ("main", "main_name", "reduce", "ws", "keep", "S", "n_out", "inner", "F",
-                 "args", "model_s", "tuned_s")
+                 "args", "model_s", "tuned_s", "conv")
 
 
 def _splitk_reduce_kernel(n_out):
-    return _Kernel("eltwise", "splitk_reduce", "PPPiiiii", (_blocks(n_out),), (256,))
+    # (ws, b, z, y, n, S, inner, F, relu): z is the residual (0: none)
+    return _Kernel("eltwise", "splitk_reduce", "PPPPiiiii", (_blocks(n_out),), (256,))
 
 
-def _run_gemm(plan, x, w, b, y, relu):
+def _run_gemm(plan, x, w, b, y, relu, z=None):
+    """One run of a GEMM plan (the autotuner's and the router's timing calls; the
+    ops inline the same launches). Conv kernels take the residual z after b."""
     if plan.S == 1:
-        plan.main(x.gpudata, w.gpudata, _ptr(b), y.gpudata, *plan.args)
+        if plan.conv:
+            plan.main(x.gpudata, w.gpudata, _ptr(b), _ptr(z), y.gpudata, *plan.args)
+        else:
+            plan.main(x.gpudata, w.gpudata, _ptr(b), y.gpudata, *plan.args)
     else:
-        plan.main(x.gpudata, w.gpudata, 0, plan.ws.gpudata, *plan.args)
-        plan.reduce(plan.ws.gpudata, _ptr(b), y.gpudata, plan.n_out, plan.S,
+        if plan.conv:
+            plan.main(x.gpudata, w.gpudata, 0, 0, plan.ws.gpudata, *plan.args)
+        else:
+            plan.main(x.gpudata, w.gpudata, 0, plan.ws.gpudata, *plan.args)
+        plan.reduce(plan.ws.gpudata, _ptr(b), _ptr(z), y.gpudata, plan.n_out, plan.S,
                     plan.inner, plan.F, int(bool(relu)))
 
 
 _spin = None
 
 
-def _autotune(plans, x, w, b, y, relu, reps=3, rounds=2):
+def _autotune(plans, x, w, b, y, relu, z=None, reps=3, rounds=2):
     """Time each candidate plan on the GPU (the op itself on the caller's
     arrays: inputs are only read, y is rewritten by every run) and return the
     fastest. A spin kernel runs first, so the host has queued every timed
@@ -368,7 +379,7 @@ def _autotune(plans, x, w, b, y, relu, reps=3, rounds=2):
             _spin(300_000)
             e0.record(stream)
             for _ in range(reps):
-                _run_gemm(p, x, w, b, y, relu)
+                _run_gemm(p, x, w, b, y, relu, z)
             e1.record(stream)
             e1.synchronize()
             best[i] = min(best[i], e1.time_since(e0) * 1e-3 / reps)
@@ -377,7 +388,7 @@ def _autotune(plans, x, w, b, y, relu, reps=3, rounds=2):
     return plans[i]
 
 
-def _pick_gemm(make, cands, x, w, b, y, relu, ntune=5):
+def _pick_gemm(make, cands, x, w, b, y, relu, z=None, ntune=5):
     """Build the plan of the best modelled candidate, or time the best few."""
     if not _AUTOTUNE or len(cands) == 1:
         return make(*cands[0][1:], model_s=cands[0][0])
@@ -387,10 +398,10 @@ def _pick_gemm(make, cands, x, w, b, y, relu, ntune=5):
         if c1 and c1[0] not in top:
             top.append(c1[0])
     plans = [make(*c[1:], model_s=c[0]) for c in top]
-    return _autotune(plans, x, w, b, y, relu)
+    return _autotune(plans, x, w, b, y, relu, z)
 
 
-def _conv_plan(x, w, b, y, sy, sx, py, px, relu):
+def _conv_plan(x, w, b, z, y, sy, sx, py, px, relu):
     _check(len(x.shape) == 4 and len(w.shape) == 4 and len(y.shape) == 4,
            "conv2d wants x (N,K,R,C), w (F,K,nr,nc), y (N,F,Ro,Co)")
     N, K, R, C = x.shape
@@ -404,6 +415,11 @@ def _conv_plan(x, w, b, y, sy, sx, py, px, relu):
     _check(b is None or b.size == F, f"conv2d: b must have {F} elements")
     for a, lab in ((x, "x"), (w, "w"), (y, "y")) + (((b, "b"),) if b is not None else ()):
         _f32c(a, "conv2d " + lab)
+    if z is not None:
+        _check(tuple(z.shape) == tuple(y.shape),
+               f"conv2d_residual: z must have y's shape {tuple(y.shape)}, got {tuple(z.shape)}")
+        _f32c(z, "conv2d_residual z")
+        _check_no_alias(z, y)
     _check(nr < 65536 and nc < 65536, "conv2d: filter too large")
     _check(x.size < 2**31 and y.size < 2**31 and w.size < 2**31,
            "conv2d: tensors beyond 2**31 elements are not supported")
@@ -419,12 +435,15 @@ def _conv_plan(x, w, b, y, sy, sx, py, px, relu):
     tab[:, 0] = k * R * C + r * C + c
     tab[:, 1] = (r << 16) | c
     tab_gpu = asarray(tab)
-    vec = int(P % 4 == 0 and _ptr(y) % 16 == 0)
+    # float4 stores of y (and loads of z at the same offsets)
+    vec = int(P % 4 == 0 and _ptr(y) % 16 == 0 and _ptr(z) % 16 == 0)
 
     def make(kname, BM, BN, BK, S, kchunk, model_s):
         plan = _GemmPlan()
         plan.main_name, plan.S, plan.model_s, plan.tuned_s = kname, S, model_s, None
-        plan.main = _Kernel("conv", kname, "PPPPP" + "i" * 14 + "qi",
+        plan.conv = True
+        # arguments: conv.cu's CONV_ARGS (x, w, b, z, y, tab, F, Kd, ...)
+        plan.main = _Kernel("conv", kname, "PPPPPP" + "i" * 14 + "qi",
                             (-(-Ncols // BN), -(-F // BM), S), (256,))
         plan.n_out, plan.inner, plan.F = int(y.size), P, F
         plan.keep = tab_gpu
@@ -437,7 +456,8 @@ def _conv_plan(x, w, b, y, sy, sx, py, px, relu):
             plan.args = tail + (int(bool(relu)), kchunk, 0, vec)
         return plan
 
-    return _pick_gemm(make, _gemm_candidates(F, Ncols, Kd, _CONV_CFGS, y.size), x, w, b, y, relu)
+    return _pick_gemm(make, _gemm_candidates(F, Ncols, Kd, _CONV_CFGS, y.size), x, w, b, y, relu,
+                      z)
 
 
 # ---------------------------------------------------------------------------
@@ -450,7 +470,7 @@ def _conv_plan(x, w, b, y, sy, sx, py, px, relu):
 # and reported by conv_route() / dnn.backend_info.
 
 _route_mode = os.environ.get("MINIDNN_CUDA_CONV", "auto").lower()
-_routes: dict = {}      # (x shape, w shape, stride, pad, relu) -> "cudnn" | "own"
+_routes: dict = {}      # (x shape, w shape, stride, pad, relu, residual) -> "cudnn" | "own"
 _CUDNN = "cudnn"
 
 
@@ -504,21 +524,29 @@ def _time_call(fn, reps=3, rounds=2):
     return max(best_gpu, best_host)
 
 
-def _choose_conv(x, w, b, y, sy, sx, py, px, relu):
-    """The plan of one convolution shape: the own kernels' plan, or _CUDNN."""
-    route_key = (tuple(x.shape), tuple(w.shape), (sy, sx), (py, px), bool(relu))
+def _choose_conv(x, w, b, z, y, sy, sx, py, px, relu):
+    """The plan of one convolution shape (with the residual z, or z None): the own
+    kernels' plan, or _CUDNN. Both are timed as called: with the residual when
+    there is one."""
+    route_key = (tuple(x.shape), tuple(w.shape), (sy, sx), (py, px), bool(relu), z is not None)
     cudnn = _cudnn_module()
     if cudnn is not None and _route_mode == "cudnn":
         _routes[route_key] = _CUDNN
         return _CUDNN
-    plan = _conv_plan(x, w, b, y, sy, sx, py, px, relu)
+    plan = _conv_plan(x, w, b, z, y, sy, sx, py, px, relu)
     route = "own"
     if cudnn is not None:
+        if z is None:
+            def via_cudnn():
+                cudnn.conv2d(x, w, b, y, sy, sx, py, px, relu)
+        else:
+            def via_cudnn():
+                cudnn.conv2d_residual(x, w, b, z, y, sy, sx, py, px, relu)
         try:
-            t_cudnn = _time_call(lambda: cudnn.conv2d(x, w, b, y, sy, sx, py, px, relu))
+            t_cudnn = _time_call(via_cudnn)
         except Exception:          # cuDNN cannot run this shape: the own kernel can
             t_cudnn = float("inf")
-        t_own = _time_call(lambda: _run_gemm(plan, x, w, b, y, relu))
+        t_own = _time_call(lambda: _run_gemm(plan, x, w, b, y, relu, z))
         if t_cudnn < t_own:
             plan, route = _CUDNN, _CUDNN
     _routes[route_key] = route
@@ -530,11 +558,23 @@ def _cudnn_module_cached():
     return cudnn
 
 
-def conv_route(x_shape, w_shape, stride_y, stride_x, pad_y, pad_x, relu):
+def conv_route(x_shape, w_shape, stride_y, stride_x, pad_y, pad_x, relu, residual=False):
     """"cudnn" or "own": the implementation chosen for this convolution shape, or None
-    when the shape has not run yet."""
+    when the shape has not run yet. residual=True asks about conv2d_residual, whose
+    route is chosen (and timed) separately from conv2d's."""
     return _routes.get((tuple(map(int, x_shape)), tuple(map(int, w_shape)),
-                        (int(stride_y), int(stride_x)), (int(pad_y), int(pad_x)), bool(relu)))
+                        (int(stride_y), int(stride_x)), (int(pad_y), int(pad_x)), bool(relu),
+                        bool(residual)))
+
+
+def _check_no_alias(z, y):
+    """ValueError unless z and y are distinct, non-overlapping buffers."""
+    if z is y:
+        raise ValueError("minidnn cuda: conv2d_residual: z must not be y")
+    zp, yp = z.gpudata.__int__(), y.gpudata.__int__()
+    if zp < yp + y.nbytes and yp < zp + z.nbytes:
+        raise ValueError("minidnn cuda: conv2d_residual: z overlaps y in memory "
+                         f"(z at {zp:#x} + {z.nbytes} bytes, y at {yp:#x} + {y.nbytes} bytes)")
 
 
 def conv2d(x, w, b, y, stride_y, stride_x, pad_y, pad_x, relu):
@@ -546,16 +586,42 @@ def conv2d(x, w, b, y, stride_y, stride_x, pad_y, pad_x, relu):
            y.gpudata.__int__() & 15)
     plan = _plans.get(key)
     if plan is None:
-        plan = _plans[key] = _choose_conv(x, w, b, y, int(stride_y), int(stride_x),
+        plan = _plans[key] = _choose_conv(x, w, b, None, y, int(stride_y), int(stride_x),
                                           int(pad_y), int(pad_x), relu)
     if plan is _CUDNN:
         _cudnn_module_cached().conv2d(x, w, b, y, stride_y, stride_x, pad_y, pad_x, relu)
         return
     if plan.S == 1:
-        plan.main(x.gpudata, w.gpudata, _ptr(b), y.gpudata, *plan.args)
+        plan.main(x.gpudata, w.gpudata, _ptr(b), 0, y.gpudata, *plan.args)
     else:
-        plan.main(x.gpudata, w.gpudata, 0, plan.ws.gpudata, *plan.args)
-        plan.reduce(plan.ws.gpudata, _ptr(b), y.gpudata, plan.n_out, plan.S,
+        plan.main(x.gpudata, w.gpudata, 0, 0, plan.ws.gpudata, *plan.args)
+        plan.reduce(plan.ws.gpudata, _ptr(b), 0, y.gpudata, plan.n_out, plan.S,
+                    plan.inner, plan.F, int(bool(relu)))
+
+
+def conv2d_residual(x, w, b, z, y, stride_y, stride_x, pad_y, pad_x, relu):
+    """conv2d plus a residual: y = conv(x, w) + b + z, then max(., 0) if relu, in the
+    convolution's own epilogue (own kernels: the same kernels as conv2d; cuDNN: the
+    fused call's z with alpha2 = 1). z (N,F,Ro,Co) float32 C-contiguous, y's shape;
+    it must not be y nor overlap it (ValueError). Routed per shape like conv2d, timed
+    with the residual; conv_route(..., residual=True) reports the choice."""
+    _check_no_alias(z, y)
+    zp = z.gpudata.__int__()
+    key = ("conv", x.shape, w.shape, y.shape, b is None, stride_y, stride_x, pad_y, pad_x, relu,
+           y.gpudata.__int__() & 15, "residual", z.shape, zp & 15)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = _choose_conv(x, w, b, z, y, int(stride_y), int(stride_x),
+                                          int(pad_y), int(pad_x), relu)
+    if plan is _CUDNN:
+        _cudnn_module_cached().conv2d_residual(x, w, b, z, y, stride_y, stride_x, pad_y, pad_x,
+                                               relu)
+        return
+    if plan.S == 1:
+        plan.main(x.gpudata, w.gpudata, _ptr(b), zp, y.gpudata, *plan.args)
+    else:
+        plan.main(x.gpudata, w.gpudata, 0, 0, plan.ws.gpudata, *plan.args)
+        plan.reduce(plan.ws.gpudata, _ptr(b), zp, y.gpudata, plan.n_out, plan.S,
                     plan.inner, plan.F, int(bool(relu)))
 
 
@@ -579,6 +645,7 @@ def _fc_plan(x, w, b, y, relu):
         plan.main_name = "fc_small"
         plan.main = _Kernel("gemm", "fc_small", "PPPPiiiii", (-(-O // 8),), (256,))
         plan.S, plan.ws, plan.reduce = 1, None, None
+        plan.conv = False
         plan.args = (N, O, D, int(bool(relu)), vec4)
         return plan
     vec = int(O % 4 == 0 and _ptr(y) % 16 == 0)
@@ -587,7 +654,7 @@ def _fc_plan(x, w, b, y, relu):
         # GEMM rows = samples (x), columns = outputs (w)
         plan = _GemmPlan()
         plan.main_name, plan.S, plan.model_s, plan.tuned_s = kname, S, model_s, None
-        plan.keep = None
+        plan.keep, plan.conv = None, False
         plan.n_out, plan.inner, plan.F = N * O, 1, O
         plan.main = _Kernel("gemm", kname, "PPPPiiiiiqi", (-(-O // BN), -(-N // BM), S), (256,))
         plan.ws = empty((S * N * O,)) if S > 1 else None
@@ -612,7 +679,7 @@ def fc(x, w, b, y, relu):
         plan.main(x.gpudata, w.gpudata, _ptr(b), y.gpudata, *plan.args)
     else:
         plan.main(x.gpudata, w.gpudata, 0, plan.ws.gpudata, *plan.args)
-        plan.reduce(plan.ws.gpudata, _ptr(b), y.gpudata, plan.n_out, plan.S,
+        plan.reduce(plan.ws.gpudata, _ptr(b), 0, y.gpudata, plan.n_out, plan.S,
                     plan.inner, plan.F, int(bool(relu)))
 
 

@@ -7,6 +7,10 @@ signature of the backend op (docs/INTERNALS.md) and takes PyCUDA GPUArrays:
 x (N,K,R,C), w (F,K,nr,nc), b (F,) or None, y (N,F,Ro,Co), all float32 and
 C-contiguous; afterwards y = conv(x, w) + b, then max(y, 0) when relu. The
 backend calls it only when ``available()``; cuDNN is never required.
+``conv2d_residual(x, w, b, z, y, ...)`` (the backend op of that name) adds z
+(y's shape, never aliasing y) before the relu: the fused call's z with
+alpha2 = 1 (plain conv2d passes z = y with alpha2 = 0), or, unfused,
+cudnnAddTensor(z) between the convolution and the bias.
 
 Finding the library (once, at the first ``available()``):
   1. ``MINIDNN_CUDNN=0`` turns cuDNN off;
@@ -30,8 +34,9 @@ whatever NVIDIA_TF32_OVERRIDE says.
 The path of each convolution is decided by one pure function,
 ``fused_policy(version, algo, activation)``; when cuDNN answers a fused call
 with NOT_SUPPORTED anyway, that (shape, algorithm, activation) falls back to
-cudnnConvolutionForward + cudnnAddTensor (+ cudnnActivationForward), the
-decision is remembered, and the output is the same.
+cudnnConvolutionForward [+ cudnnAddTensor(z)] + cudnnAddTensor(b)
+(+ cudnnActivationForward), the decision is remembered (separately for the
+residual form), and the output is the same.
 
 Graph capture: the first call for a shape plans it (descriptors, algorithm,
 workspace growth) and must come before a capture (a warm-up forward, or
@@ -57,6 +62,7 @@ FWD_ALGOS = ("IMPLICIT_GEMM", "IMPLICIT_PRECOMP_GEMM", "GEMM", "DIRECT", "FFT",
 ALGO = {name: i for i, name in enumerate(FWD_ALGOS)}
 
 RELU, IDENTITY = "relu", "identity"
+RESIDUAL = "residual"   # conv2d_residual's calls and fallbacks are kept apart from conv2d's
 FUSED, UNFUSED = "fused", "unfused"
 
 # How backend_info names the paths.
@@ -656,7 +662,7 @@ class _Plan:
                              f"w {ws}, stride {stride}, padding {pad}; expected {self.ys}")
         self.note = ""
         self.failed = set()          # algorithms cudnnConvolutionForward refused for this shape
-        self.calls = {RELU: 0, IDENTITY: 0}
+        self.calls = {RELU: 0, IDENTITY: 0, (RELU, RESIDUAL): 0, (IDENTITY, RESIDUAL): 0}
         self.algo = None
         self.ws_bytes = 0
         self.choose_algo(exclude=())
@@ -713,13 +719,14 @@ class _Plan:
         self.ctx.ensure_workspace(size)
 
     # -- path ----------------------------------------------------------------
-    def fallback_key(self, act):
-        return (self.xs, self.ws, self.stride, self.pad, self.algo, act)
+    def fallback_key(self, act, residual=False):
+        key = (self.xs, self.ws, self.stride, self.pad, self.algo, act)
+        return key + (RESIDUAL,) if residual else key
 
-    def path(self, act):
+    def path(self, act, residual=False):
         if not _fused_allowed():
             return UNFUSED
-        if self.fallback_key(act) in _fallback:
+        if self.fallback_key(act, residual) in _fallback:
             return UNFUSED
         return fused_policy(_state["version"], self.algo, act)
 
@@ -741,12 +748,22 @@ def _plan(xs, ws, stride, pad):
     return p
 
 
-def _check_args(x, w, b, y):
+def _check_args(x, w, b, y, z=None):
     import numpy as np
-    for name, a in (("x", x), ("w", w), ("y", y)) + ((("b", b),) if b is not None else ()):
+    for name, a in (("x", x), ("w", w), ("y", y)) + ((("b", b),) if b is not None else ()) + \
+            ((("z", z),) if z is not None else ()):
         if a.dtype != np.float32 or not a.flags.c_contiguous:
             raise ValueError(f"cudnn.conv2d: {name} must be a C-contiguous float32 GPUArray, "
                              f"got dtype {a.dtype}")
+    if z is not None:
+        if tuple(z.shape) != tuple(y.shape):
+            raise ValueError(f"cudnn.conv2d_residual: z must have y's shape {tuple(y.shape)}, "
+                             f"got {tuple(z.shape)}")
+        if z is y:
+            raise ValueError("cudnn.conv2d_residual: z must not be y")
+        zp, yp = int(z.ptr), int(y.ptr)
+        if zp < yp + y.nbytes and yp < zp + z.nbytes:
+            raise ValueError("cudnn.conv2d_residual: z overlaps y in memory")
     if len(x.shape) != 4 or len(w.shape) != 4 or len(y.shape) != 4 or x.shape[1] != w.shape[1]:
         raise ValueError(f"cudnn.conv2d: expected x (N,K,R,C), w (F,K,nr,nc), y (N,F,Ro,Co); "
                          f"got x {x.shape}, w {w.shape}, y {y.shape}")
@@ -780,11 +797,32 @@ def conv2d(x, w, b, y, stride_y, stride_x, pad_y, pad_x, relu):
     p.calls[act] += 1
 
 
-def _run(p, x, w, b, y, act):
+def conv2d_residual(x, w, b, z, y, stride_y, stride_x, pad_y, pad_x, relu):
+    """The backend op conv2d_residual through cuDNN: y = conv(x, w) + b (unless None)
+    + z, then max(., 0) if relu. z: y's shape, float32, C-contiguous, neither y nor
+    overlapping it (ValueError). One fused call with alpha2 = 1 where cuDNN runs it,
+    else the unfused calls with cudnnAddTensor(z). Enqueued on the backend's stream."""
+    if load() is None:
+        raise RuntimeError(f"cuDNN is not available: {unavailable_reason()}")
+    _check_args(x, w, b, y, z)
+    p = _plan(tuple(x.shape), tuple(w.shape), (int(stride_y), int(stride_x)),
+              (int(pad_y), int(pad_x)))
+    if tuple(y.shape) != p.ys:
+        raise ValueError(f"cudnn.conv2d_residual: y must be {p.ys}, got {tuple(y.shape)}")
+    p.ctx.set_stream(_stream_handle())
+    act = RELU if relu else IDENTITY
+    _run(p, x, w, b, y, act, z)
+    p.calls[(act, RESIDUAL)] += 1
+
+
+def _run(p, x, w, b, y, act, z=None):
     lib, v = _state["lib"], _state["version"]
     xp, wp, yp = _vp(x.ptr), _vp(w.ptr), _vp(y.ptr)
+    residual = z is not None
+    # the fused call's z: the residual with alpha2 = 1, else y itself with alpha2 = 0
+    zp, alpha2 = (_vp(z.ptr), _ONE) if residual else (yp, _ZERO)
     for _attempt in range(len(FWD_ALGOS) + 1):
-        if p.path(act) == FUSED:
+        if p.path(act, residual) == FUSED:
             bias = b if b is not None else p.ctx.zero_bias(p.ws[0])
             if _inject["active"] and (_inject["algos"] is None or p.algo in _inject["algos"]):
                 _inject["count"] += 1
@@ -792,14 +830,15 @@ def _run(p, x, w, b, y, act):
             else:
                 code = lib.cudnnConvolutionBiasActivationForward(
                     p.ctx.handle, _ref(_ONE), p.x_desc, xp, p.w_desc, wp, p.conv_desc,
-                    ALGO[p.algo], p.ctx.ws_ptr(), p.ws_bytes, _ref(_ZERO), p.y_desc, yp,
+                    ALGO[p.algo], p.ctx.ws_ptr(), p.ws_bytes, _ref(alpha2), p.y_desc, zp,
                     p.b_desc, _vp(bias.ptr), _activation(act), p.y_desc, yp)
             if code == 0:
                 return
             if not is_not_supported(v, code):
                 _check("cudnnConvolutionBiasActivationForward", code)
-            # The safe fallback: remember it for this (shape, algorithm, activation).
-            _fallback[p.fallback_key(act)] = status_name(v, code)
+            # The safe fallback: remember it for this (shape, algorithm, activation,
+            # residual or not).
+            _fallback[p.fallback_key(act, residual)] = status_name(v, code)
         code = lib.cudnnConvolutionForward(
             p.ctx.handle, _ref(_ONE), p.x_desc, xp, p.w_desc, wp, p.conv_desc, ALGO[p.algo],
             p.ctx.ws_ptr(), p.ws_bytes, _ref(_ZERO), p.y_desc, yp)
@@ -811,6 +850,9 @@ def _run(p, x, w, b, y, act):
             p.failed.add(p.algo)
             p.choose_algo(exclude=p.failed)
             continue
+        if residual:
+            _call("cudnnAddTensor", p.ctx.handle, _ref(_ONE), p.y_desc, zp, _ref(_ONE),
+                  p.y_desc, yp)
         if b is not None:
             _call("cudnnAddTensor", p.ctx.handle, _ref(_ONE), p.b_desc, _vp(b.ptr), _ref(_ONE),
                   p.y_desc, yp)
@@ -822,11 +864,13 @@ def _run(p, x, w, b, y, act):
                      f"no algorithm ran x {p.xs}, w {p.ws}")
 
 
-def conv_path(x_shape, w_shape, stride_y, stride_x, pad_y, pad_x, relu, plan=True):
+def conv_path(x_shape, w_shape, stride_y, stride_x, pad_y, pad_x, relu, plan=True,
+              residual=False):
     """Which path a convolution takes through cuDNN: a dict with ``path`` (FUSED or
     UNFUSED), ``algorithm``, ``calls`` (how many calls took it), ``fallback`` (the
     status that made it fall back, if any) and ``note``. ``plan=True`` plans the shape
-    when needed (needs the current CUDA context); otherwise None if never planned."""
+    when needed (needs the current CUDA context); otherwise None if never planned.
+    ``residual=True``: the same for conv2d_residual (its own calls and fallback)."""
     xs, ws = tuple(map(int, x_shape)), tuple(map(int, w_shape))
     stride, pad = (int(stride_y), int(stride_x)), (int(pad_y), int(pad_x))
     act = RELU if relu else IDENTITY
@@ -844,8 +888,10 @@ def conv_path(x_shape, w_shape, stride_y, stride_x, pad_y, pad_x, relu, plan=Tru
         if not plan or ctx is None or load() is None:
             return None
         p = _plan(xs, ws, stride, pad)
-    return {"path": p.path(act), "algorithm": p.algo, "calls": p.calls[act],
-            "fallback": _fallback.get(p.fallback_key(act)), "note": p.note.strip("; ")}
+    return {"path": p.path(act, residual), "algorithm": p.algo,
+            "calls": p.calls[(act, RESIDUAL) if residual else act],
+            "fallback": _fallback.get(p.fallback_key(act, residual)),
+            "note": p.note.strip("; ")}
 
 
 # ----------------------------------------------------------------------------
