@@ -15,7 +15,7 @@ is what lets an interrupted training resume exactly. sgemm is scipy's BLAS,
 pinned to one thread by backends/cpu.py (each OpenMP thread calls its own).
 
 Workspace: one grow-only buffer per module (im2col columns and per-thread
-partial sums), tried-locked as in conv.pyx.
+partial sums), see workspace.pxi.
 """
 include "check.pxi"
 
@@ -23,55 +23,12 @@ from cython.parallel cimport prange
 from libc.stdlib cimport free
 from libc.string cimport memset
 from libc.math cimport sqrt, exp, log, isfinite
-from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
-                               PyThread_acquire_lock, PyThread_release_lock,
-                               NOWAIT_LOCK)
 from scipy.linalg.cython_blas cimport sgemm
-
-cdef extern from "<stdlib.h>" nogil:
-    int posix_memalign(void** memptr, size_t alignment, size_t size)
 
 # elements below which a parallel region costs more than it saves
 cdef isize GRAIN = 1 << 15
 
-# ---------------------------------------------------------------- workspace
-
-cdef float* _ws = NULL
-cdef size_t _ws_n = 0
-cdef PyThread_type_lock _ws_lock = PyThread_allocate_lock()
-
-
-cdef float* _aligned(size_t n) except NULL:
-    cdef void* p = NULL
-    if posix_memalign(&p, 64, (n if n > 0 else 1) * sizeof(float)) != 0:
-        raise MemoryError(f"cannot allocate a {n * 4} byte workspace")
-    return <float*>p
-
-
-cdef float* _workspace_acquire(size_t n, bint* private) except NULL:
-    global _ws, _ws_n
-    cdef float* p
-    if PyThread_acquire_lock(_ws_lock, NOWAIT_LOCK):
-        private[0] = False
-        if n > _ws_n:
-            try:
-                p = _aligned(n)
-            except MemoryError:
-                PyThread_release_lock(_ws_lock)
-                raise
-            free(_ws)
-            _ws = p
-            _ws_n = n
-        return _ws
-    private[0] = True
-    return _aligned(n)
-
-
-cdef void _workspace_release(float* p, bint private) noexcept:
-    if private:
-        free(p)
-    else:
-        PyThread_release_lock(_ws_lock)
+include "workspace.pxi"
 
 
 cdef inline isize _round16(isize n) noexcept nogil:
