@@ -516,11 +516,13 @@ static void mdnn_conv_task(const mdnn_conv_t* c, long q0, int ncols, int f0, int
     for (kb = 0, k0 = 0; k0 < KRS; kb++, k0 += kcs) {
         int kc = KRS - k0 < kcs ? KRS - k0 : kcs;
         int mode = (k0 > 0 ? MDNN_ACC : 0) | (k0 + kc >= KRS ? MDNN_EPI : 0);
-        int m0;
+        int m0, me;
         mdnn_pack_b(c, q0, ncols, k0, kc, bpack);
-        for (m0 = f0; m0 < f0 + nf; m0 += mdnn_mc) {
-            int me = m0 + mdnn_mc < f0 + nf ? m0 + mdnn_mc : f0 + nf;
+        /* filter blocks of mdnn_mc rows; a remainder thinner than MR joins the
+         * last block, and the next block starts where this one ended (me) */
+        for (m0 = f0; m0 < f0 + nf; m0 = me) {
             int t;
+            me = m0 + mdnn_mc < f0 + nf ? m0 + mdnn_mc : f0 + nf;
             if (me < f0 + nf && f0 + nf - me < MDNN_MR) me = f0 + nf;  /* no sliver-thin last block */
             for (t = 0; t < ncols; t += MDNN_NR) {
                 const float* bp = bpack + (long)(t / MDNN_NR) * kc * MDNN_NR;
@@ -696,15 +698,15 @@ static void mdnn_conv_task_direct(const mdnn_conv_t* c, long q0, int ncols, int 
         for (k0 = 0; k0 < KRS; k0 += kcs) {
             int kc = KRS - k0 < kcs ? KRS - k0 : kcs;
             int mode = (k0 > 0 ? MDNN_ACC : 0) | (k0 + kc >= KRS ? MDNN_EPI : 0);
-            int kk, m0;
+            int kk, m0, me;
             for (kk = 0; kk < kc; kk++) {
                 int k = k0 + kk, chh = k / nrc, rem = k - chh * nrc;
                 int i = rem / c->nc, j = rem - i * c->nc;
                 boff[kk] = ((chh * Rp + i) * sx + j % sx) * Lp + j / sx;
             }
-            for (m0 = f0; m0 < f0 + nf; m0 += mdnn_mc) {
-                int me = m0 + mdnn_mc < f0 + nf ? m0 + mdnn_mc : f0 + nf;
+            for (m0 = f0; m0 < f0 + nf; m0 = me) {     /* as in mdnn_conv_task */
                 int p;
+                me = m0 + mdnn_mc < f0 + nf ? m0 + mdnn_mc : f0 + nf;
                 if (me < f0 + nf && f0 + nf - me < MDNN_MR) me = f0 + nf;
                 for (p = p0; p < p1; p += MDNN_NR) {
                     int oy = p / Co, ox = p - oy * Co;
