@@ -28,16 +28,11 @@ _use_installed_kernels()
 
 from .core import (Layer, LayerError, Node, count_parameters, input_tensor_, layer,
                    visit_layers, visit_layers_backwards)
-from .layers import (add_prev1, add_prev2, add_prev3, add_prev4, add_prev5, add_prev6,
-                     add_prev7, add_prev8, add_prev9, add_prev10, add_prev_, affine, affine_,
-                     avg_pool, avg_pool_, avg_pool_everything, bn_, bn_con, bn_fc, con, con_, fc,
-                     fc_, input_tensor, max_pool, max_pool_, relu, relu_, set_seed, skip1, skip2,
-                     skip3, skip4, skip5, skip6, skip7, skip8, skip9, skip10, skip_, softmax,
-                     softmax_, tag1, tag2, tag3, tag4, tag5, tag6, tag7, tag8, tag9, tag10, tag_)
+from .ops import Act
+from .layers import *  # noqa: F401,F403  (every layer class and factory)
+from .loss import *  # noqa: F401,F403
 from .fuse import fuse
 from .info import backend_info
-from .loss import (loss_mean_squared, loss_mean_squared_, loss_multiclass_log,
-                   loss_multiclass_log_)
 from .serialize import SerializationError, deserialize, serialize
 from .train import adam, dnn_trainer, sgd
 

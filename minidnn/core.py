@@ -1,4 +1,4 @@
-"""Networks as dlib-style nested layers, and the program that runs them.
+"""Networks as dlib-style nested layers, the layer contract, and the program that runs them.
 
 A network is a chain of nodes (dlib's ``add_layer``): each node holds a layer
 object (``layer_details()``) and the node below it (``subnet()``); the bottom
@@ -11,10 +11,13 @@ Running a node compiles the chain below it into a :class:`Program` once per
 ``setup``), every output buffer is allocated, and the forward becomes a flat
 list of kernel calls that is replayed on each call. Identity layers (tags,
 skips, disabled layers) cost nothing: their output *is* their input buffer.
+
+Every layer is a subclass of :class:`Layer`, whose docstring is the contract.
 """
 import numpy as np
 
 from . import ops
+from .ops import IDENTITY, Act
 
 # Bumped whenever something changes how a network must be compiled (a layer
 # disabled or enabled, a fused epilogue added, parameters replaced): every
@@ -35,18 +38,197 @@ class ShapeError(ValueError):
     """Raised by a layer's setup/build; the program turns it into a LayerError naming the layer."""
 
 
+# --------------------------------------------------------------------------- declarations
+class Field:
+    """One setting of a layer (a constructor keyword argument) as its file record stores
+    it: ``type`` is "u32", "f64", "bool" or "act" (an activation: name and parameter)."""
+
+    __slots__ = ("name", "type")
+
+    def __init__(self, name, type):
+        self.name, self.type = name, type
+
+    def __repr__(self):
+        return f"{self.type}({self.name!r})"
+
+
+def u32(name):
+    return Field(name, "u32")
+
+
+def f64(name):
+    return Field(name, "f64")
+
+
+def boolean(name):
+    return Field(name, "bool")
+
+
+def act_field(name="act"):
+    return Field(name, "act")
+
+
+class Param(str):
+    """The name of an array attribute of a layer (a learnable parameter, or state such
+    as running statistics) with its rank; it *is* the attribute's name."""
+
+    def __new__(cls, name, ndim):
+        s = super().__new__(cls, name)
+        s.ndim = ndim
+        return s
+
+
+_layer_classes = []
+
+
+class _ParamSlot:
+    """The attribute of a declared Param: reading gives the array (or None); assigning
+    validates it (Layer.validate_param) and invalidates every compiled program, so the
+    next forward, save and GPU upload see the new array. Writing *into* the array
+    (``layer.filters[...] = w``) needs neither: the CPU forward reads it in place."""
+
+    __slots__ = ("name", "key")
+
+    def __init__(self, name):
+        self.name, self.key = name, "_param_" + name
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        return obj.__dict__.get(self.key)
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.key] = obj.validate_param(self.name, value)
+        structure_changed()
+
+
+def layer_classes():
+    """Every Layer subclass that declares a file record, in definition order."""
+    return list(_layer_classes)
+
+
+# --------------------------------------------------------------------------- the contract
 class Layer:
     """WHAT THIS OBJECT REPRESENTS: the computation of one node (dlib's layer_details).
 
-    A subclass defines ``kind`` (its printed name, dlib's without the trailing
-    underscore), ``describe()`` (its settings, for printing), ``setup(in_shape)``
-    (allocate parameters the first time; check the input afterwards) and
-    ``build(plan, x) -> y`` (append its kernel calls to the plan and return the
-    buffer holding its output; raise ShapeError for an input it cannot take).
+    Its input is the output of the node below, a tensor (N, K, R, C); its output
+    is one tensor, whose shape the layer decides. The hooks, each with what it
+    requires and ensures (dlib's EXAMPLE_COMPUTATIONAL_LAYER_):
+
+    ``setup(in_shape)``
+        requires: in_shape = (N, K, R, C) of this layer's input.
+        ensures: the parameters exist (allocated and initialised the first time,
+        deterministically: layers.set_seed); a later call with another K raises
+        ShapeError saying what was expected. N may change between calls.
+    ``build(plan, x) -> y``
+        requires: setup(x.shape) was called; x is the backend array holding the
+        input (owned by the program).
+        ensures: the layer's kernel calls are appended with ``plan.step(op, ...)``
+        (only the ops named in ``forward_ops``), ``y`` is the buffer holding the
+        output (``plan.empty`` or, for identities, x itself). An input it cannot
+        take raises ShapeError. Called only when the layer is enabled.
+    ``forward_train(ctx, x) -> y`` and ``backward(ctx, dy) -> dx`` (``trainable``)
+        The training forward (new NumPy arrays; batch-norm uses batch statistics)
+        and its backward: writes the gradient of each learnable parameter into
+        ``ctx.grad(name)`` and returns dL/dx (None when ``not ctx.need_dx``).
+        ``ctx`` (train.tape.Ctx) keeps x, y and whatever the layer saves.
+    ``describe() -> str``
+        Its settings as ``print(net)`` shows them (dlib's ``operator<<``).
+    ``settings``, ``params``, ``state`` and ``record``: the file record
+        ``settings`` are the constructor's keyword arguments (Fields, in record
+        order), ``params`` the learnable arrays and ``state`` the other arrays
+        the record stores (Params, with their rank). ``record`` is the tag it
+        writes ("con_2"); ``old_records`` maps older tags to the classmethod that
+        still reads them. serialize.py writes disabled, settings, then arrays,
+        unless the layer defines ``write_record(w)`` / ``read_record(r, tag)``;
+        ``check_record()`` validates the arrays against the settings.
+
+    Capabilities, declared as class attributes (never probed):
+    ``is_input`` (the bottom layer: ``to_tensor``), ``is_loss`` (the top layer:
+    ``to_label``, ``check_labels``, ``loss_and_grad``; see loss.py),
+    ``trainable``, ``routing`` (tag/skip/add_prev-like: never disabled, the
+    training tape always runs it), ``pointwise`` (an activation: ``act`` is the
+    ops.Act it applies, so fuse() may move it into the epilogue below),
+    ``takes_epilogue`` (con/fc: fuse() folds an affine-like layer above into its
+    parameters with ``fold(g, h)`` and moves an activation into ``act``),
+    ``affine_like`` (bn/affine: ``affine_form() -> (g, h)`` per unit and ``mode``),
+    ``output_mode`` ("conv" or "fc": the mode an affine_/bn_ put above defaults to; None
+    passes on the mode of the layer below, as pointwise layers and tags do).
     """
 
     kind = "layer"
-    params = ()           # names of the learnable parameter attributes
+    settings = ()
+    params = ()
+    state = ()
+    record = None
+    old_records = {}
+    write_record = None       # a method write_record(self, w) replaces the declared layout
+    read_record = None        # and a classmethod read_record(cls, r, tag) reads it
+    forward_ops = ()
+
+    is_input = False
+    is_loss = False
+    trainable = False
+    routing = False
+    pointwise = False
+    takes_epilogue = False
+    affine_like = False
+    output_mode = "conv"
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        for p in tuple(cls.params) + tuple(cls.state):
+            if not isinstance(cls.__dict__.get(p), _ParamSlot) and \
+                    not any(isinstance(b.__dict__.get(p), _ParamSlot) for b in cls.__mro__[1:]):
+                setattr(cls, p, _ParamSlot(p))
+        if cls.__dict__.get("record"):
+            _layer_classes.append(cls)
+
+    # -- parameters ---------------------------------------------------------
+    def set_array(self, name, value):
+        """Set array attribute ``name`` as the layer's own code does (setup, fuse, readers):
+        no validation and no recompilation (the program being built uses it anyway)."""
+        self.__dict__["_param_" + name] = value
+
+    def param_shape(self, name):
+        """The shape array ``name`` must have, with None for a dimension the settings do
+        not fix (known once the input is), or None when anything of the right rank goes."""
+        return None
+
+    def param_optional(self, name):
+        """Whether array ``name`` is absent by the layer's settings (bias=False, say):
+        it stays None and cannot be assigned."""
+        return False
+
+    def validate_param(self, name, value):
+        """The array to store for a user's ``layer.<name> = value``: float32, C-contiguous,
+        of the declared rank and of the shape the layer has or its settings fix.
+        Floating and integer arrays are converted to float32 (a copy, so the layer owns
+        it); anything else, a wrong shape, or None where the layer needs an array
+        raises LayerError."""
+        decl = next(p for p in tuple(self.params) + tuple(self.state) if p == name)
+        current = self.__dict__.get("_param_" + name)
+        optional = self.param_optional(name)
+        if value is None:
+            if current is None or optional:
+                return None
+            raise LayerError(f"{self.kind}: {name} cannot be None (the layer uses it); "
+                             f"assign a float32 array of shape {current.shape}")
+        if optional and current is None:
+            raise LayerError(f"{self.kind}: this layer has no {name} (bias=False); "
+                             f"build the layer with a bias to give it one")
+        a = np.asarray(value)
+        if a.dtype.kind not in "fiu":
+            raise LayerError(f"{self.kind}: {name} must be a float32 array, got dtype {a.dtype}")
+        if a.ndim != decl.ndim:
+            raise LayerError(f"{self.kind}: {name} must have {decl.ndim} dimensions, "
+                             f"got shape {a.shape}")
+        want = tuple(current.shape) if current is not None else self.param_shape(name)
+        if want is not None and any(w is not None and w != g for w, g in zip(want, a.shape)):
+            shown = "(" + ", ".join("?" if w is None else str(w) for w in want) + \
+                ("," if len(want) == 1 else "") + ")"
+            raise LayerError(f"{self.kind}: {name} must have shape {shown}, got {a.shape}")
+        return np.array(a, dtype=np.float32, order="C", copy=True)
 
     def __init__(self):
         self._disabled = False
@@ -58,6 +240,8 @@ class Layer:
 
     def disable(self):
         """Make this layer an identity that costs nothing in a forward pass."""
+        if self.routing:
+            raise ValueError(f"{self.kind}: routing layers cannot be disabled")
         if not self._disabled:
             self._disabled = True
             structure_changed()
@@ -77,6 +261,23 @@ class Layer:
     def build(self, plan, x):
         return x
 
+    def forward_train(self, ctx, x):
+        raise NotImplementedError(f"{self.kind}: no training forward")
+
+    def backward(self, ctx, dy):
+        raise NotImplementedError(f"{self.kind}: no backward")
+
+    def check_record(self):
+        """Raise ValueError when the arrays do not fit the settings (on save and on load)."""
+
+    def tags_defined(self):
+        """The tag numbers this layer defines (tagN: (N,))."""
+        return ()
+
+    def tags_used(self):
+        """The tag numbers this layer refers to (skipN, add_prevN ...: the nearest tagN below)."""
+        return ()
+
     def num_parameters(self):
         return sum(getattr(self, p).size for p in self.params if getattr(self, p) is not None)
 
@@ -86,23 +287,58 @@ class Layer:
 
 
 class input_tensor_(Layer):
-    """The input of a network: float32 arrays shaped (N, K, R, C).
+    """WHAT THIS OBJECT REPRESENTS: the input of a network: float32 arrays (N, K, R, C).
 
     After the first forward the channel count K is fixed; a later input with
     another K (or another rank or dtype) raises LayerError.
     """
 
     kind = "input_tensor"
+    is_input = True
+    record = "input_tensor_1"
 
     def __init__(self):
         super().__init__()
         self.k = None
 
+    def to_tensor(self, x, device, index):
+        """The float32 (N, K, R, C) array for the user's input x (an array on ``device``);
+        LayerError naming layer<index> when x is not one."""
+        where = f"layer<{index}> {self.kind}"
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise LayerError(f"{where}: expected a float32 array shaped (N, K, R, C), "
+                             f"got {type(x).__name__}")
+        if not isinstance(x, np.ndarray) and device == "cpu":
+            raise LayerError(f"{where}: a CPU net takes NumPy arrays, got {type(x).__name__}")
+        if len(x.shape) != 4:
+            raise LayerError(f"{where}: expected rank 4 (N, K, R, C), got shape {tuple(x.shape)}")
+        if x.dtype != np.float32:
+            raise LayerError(f"{where}: expected dtype float32, got {x.dtype}")
+        if min(x.shape) < 1:
+            raise LayerError(f"{where}: expected a non-empty array, got shape {tuple(x.shape)}")
+        return x
+
     def setup(self, in_shape):
-        if self.k is None:
-            self.k = in_shape[1]
+        if self.k is not None and self.k != in_shape[1]:
+            raise ShapeError(f"expected input with {self.k} channels (K) as at setup, "
+                             f"got shape {in_shape}")
+        self.k = in_shape[1]
+
+    def write_record(self, w):
+        w.bool(self.disabled)
+        w.u32("k", 0 if self.k is None else self.k)
+
+    @classmethod
+    def read_record(cls, r, tag):
+        disabled = r.bool("disabled")
+        layer = cls()
+        layer.k = r.u32("k") or None
+        if disabled:
+            layer.disable()
+        return layer
 
 
+# --------------------------------------------------------------------------- nodes
 class Node:
     """dlib's add_layer: a layer object on top of a subnetwork.
 
@@ -112,9 +348,12 @@ class Node:
     """
 
     def __init__(self, layer, subnet):
-        if not isinstance(subnet, Node) and not (subnet is None and isinstance(layer, input_tensor_)):
+        if not isinstance(subnet, Node) and not (subnet is None and layer.is_input):
             raise TypeError(f"{layer.kind}: the subnet (last positional argument) must be a "
                             f"minidnn layer node, got {type(subnet).__name__}")
+        if subnet is not None and subnet._layer.is_loss:
+            raise ValueError(f"{layer.kind}: a loss layer ({subnet._layer.kind}) can only be the "
+                             f"top of a network, not the subnet of another layer")
         self._layer = layer
         self._subnet = subnet
         self._programs = {}
@@ -122,6 +361,8 @@ class Node:
         self._device = "cpu"
         self._graphs = True
         self._device_params = None
+        self._depth = 1 if subnet is None else subnet._depth + 1
+        self._bottom = self if subnet is None else subnet._bottom
 
     # -- dlib's accessors -------------------------------------------------
     def layer_details(self):
@@ -145,7 +386,7 @@ class Node:
         return nodes
 
     def __len__(self):
-        return len(self.chain())
+        return self._depth
 
     # -- running ------------------------------------------------------------
     @property
@@ -161,12 +402,19 @@ class Node:
         GPU net, call ``net.to("cuda")`` to make the next forward use them.
         With ``graphs`` (the default) each compiled GPU forward is captured
         once as a CUDA graph and replayed. Raises RuntimeError, saying what is
-        missing and how to install it, when the device cannot be used.
+        missing and how to install it, when the device cannot be used, and
+        NotImplementedError naming the first layer the device has no kernel for.
         """
         device = str(device)
-        if device not in ("cpu", "cuda"):
+        if device not in ops.DEVICES:
             raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'cuda'")
-        ops.backend(device)  # raises a clear RuntimeError if it cannot load
+        be = ops.backend(device)  # raises a clear RuntimeError if it cannot load
+        for i, n in enumerate(self.chain()):
+            missing = [o for o in n._layer.forward_ops if not hasattr(be, o)]
+            if missing:
+                raise NotImplementedError(
+                    f"layer<{i}> {n._layer.kind}: the {device} backend has no kernel for "
+                    f"{', '.join(missing)} yet; run this net on the CPU")
         for n in self.chain():
             n._device = device
             n._graphs = bool(graphs)
@@ -197,10 +445,14 @@ class Node:
             self._device_params = (_revision[0], {})
         return self._device_params[1]
 
+    def _tensor(self, x):
+        return self._bottom._layer.to_tensor(x, self._device, self._depth - 1)
+
     def forward(self, x):
         """Run the network up to this node on x (N, K, R, C) float32; return this node's
         output as a new NumPy array. On a GPU net x may also be a device array."""
-        prog = self._program(_check_input(self, x))
+        x = self._tensor(x)
+        prog = self._program(tuple(int(s) for s in x.shape))
         y = prog.run(x)
         return y.copy() if prog.device == "cpu" else prog.backend.to_numpy(y)
 
@@ -208,12 +460,12 @@ class Node:
         """Like forward, but the output stays where the net runs: a GPUArray for a GPU
         net (a NumPy array on the CPU), owned by the net and valid until its next
         forward. Use it to chain networks without a round trip through the host."""
-        return self._program(_check_input(self, x)).run(x)
+        x = self._tensor(x)
+        return self._program(tuple(int(s) for s in x.shape)).run(x)
 
     def __call__(self, x):
         out = self.forward(x)
-        to_label = getattr(self._layer, "to_label", None)
-        return out if to_label is None else to_label(out)
+        return self._layer.to_label(out) if self._layer.is_loss else out
 
     # -- printing ----------------------------------------------------------
     def __str__(self):
@@ -236,25 +488,7 @@ class Node:
         return self.__str__()
 
 
-def _check_input(top, x):
-    """Validate a user's input array; return its shape."""
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise LayerError(f"layer<{len(top) - 1}> input_tensor: expected a float32 array shaped "
-                         f"(N, K, R, C), got {type(x).__name__}")
-    if not isinstance(x, np.ndarray) and top._device == "cpu":
-        raise LayerError(f"layer<{len(top) - 1}> input_tensor: a CPU net takes NumPy arrays, "
-                         f"got {type(x).__name__}")
-    if len(x.shape) != 4:
-        raise LayerError(f"layer<{len(top) - 1}> input_tensor: expected rank 4 (N, K, R, C), "
-                         f"got shape {tuple(x.shape)}")
-    if x.dtype != np.float32:
-        raise LayerError(f"layer<{len(top) - 1}> input_tensor: expected dtype float32, got {x.dtype}")
-    if min(x.shape) < 1:
-        raise LayerError(f"layer<{len(top) - 1}> input_tensor: expected a non-empty array, "
-                         f"got shape {tuple(x.shape)}")
-    return tuple(int(s) for s in x.shape)
-
-
+# --------------------------------------------------------------------------- the program
 class Plan:
     """What a layer's ``build`` sees: allocation, parameters and the step list.
 
@@ -264,7 +498,8 @@ class Plan:
     def __init__(self, backend):
         self.backend = backend
         self.device = backend.name
-        self.steps = []
+        self.steps = []           # [(function, args)]
+        self.specs = []           # the OpSpec of each step (None for a plain callable)
         self.index = None
         self.layer = None
         self._uploaded = {}
@@ -276,47 +511,59 @@ class Plan:
     def step(self, fn, *args):
         """Append a call ``fn(*args)`` to the forward program. An ``ops`` function is
         resolved to the backend's implementation now, not at every call."""
-        if getattr(fn, "__module__", None) == ops.__name__:
-            fn = getattr(self.backend, fn.__name__)
+        spec = getattr(fn, "spec", None)
+        if spec is not None:
+            if self.layer is not None and spec.name not in self.layer.forward_ops:
+                raise AssertionError(f"{self.layer.kind}.build emitted {spec.name}, which is not "
+                                     f"in its forward_ops {self.layer.forward_ops}")
+            impl = getattr(self.backend, spec.name, None)
+            if impl is None:
+                raise NotImplementedError(f"layer<{self.index}> {self.layer.kind}: the "
+                                          f"{self.device} backend has no kernel for {spec.name}")
+            fn = impl
         self.steps.append((fn, args))
-
-    # ops whose last argument is a relu flag, and the position of their output
-    _RELU_EPILOGUE = {"conv2d": 3, "conv2d_residual": 4, "fc": 3, "affine": 3, "add": 2}
+        self.specs.append(spec)
 
     def _last_step_makes(self, x, names):
-        """The last step, if it is one of the ops ``names`` and writes ``x``, which nothing
-        else reads (x is not tagged); else None."""
+        """(spec, named arguments) of the last step if it is one of the ops ``names`` and
+        writes ``x``, which nothing else reads (x is not tagged); else None."""
         if not self.steps or any(t is x for t in self.tags.values()):
             return None
-        fn, args = self.steps[-1]
-        name = getattr(fn, "__name__", None)
-        pos = self._RELU_EPILOGUE.get(name) if name in names else None
-        if pos is None or args[pos] is not x and getattr(args[pos], "base", None) is not x:
+        spec = self.specs[-1]
+        if spec is None or spec.name not in names:
             return None
-        return fn, args
+        out = self.steps[-1][1][spec.output_index]
+        if out is not x and getattr(out, "base", None) is not x:
+            return None
+        return spec, spec.bind(self.steps[-1][1])
 
-    def fuse_relu(self, x):
-        """Turn on the relu epilogue of the step that produced ``x``, if it has one and
-        nothing else reads ``x`` (it is not tagged). Returns whether it did; the
-        producing node's output then holds the relu'd values (dlib's in-place layers)."""
-        last = self._last_step_makes(x, self._RELU_EPILOGUE)
-        if last is None:
+    def fuse_activation(self, x, act):
+        """Make ``act`` the epilogue of the step that produced ``x``, if that op has an
+        activation epilogue still unused and nothing else reads ``x`` (it is not
+        tagged). Returns whether it did; the producing node's output then holds the
+        activated values (dlib's in-place layers)."""
+        last = self._last_step_makes(x, _EPILOGUE_OPS)
+        if last is None or last[1]["act"]:
             return False
-        fn, args = last
-        self.steps[-1] = (fn, args[:-1] + (True,))
+        spec, named = last
+        named["act"] = act
+        self.steps[-1] = (self.steps[-1][0], spec.call_args(named))
         return True
 
     def fuse_residual(self, x, z):
         """Turn the convolution that produced ``x`` into one that also adds ``z`` in its
         epilogue (x += z in the same pass), if the backend can, nothing else reads x,
-        and the convolution applies no relu of its own. Returns whether it did; the
-        convolution's node output then holds the sum (as with fuse_relu)."""
+        and the convolution applies no activation of its own. Returns whether it did;
+        the convolution's node output then holds the sum (as with fuse_activation)."""
         impl = getattr(self.backend, "conv2d_residual", None)
         last = self._last_step_makes(x, ("conv2d",)) if impl is not None else None
-        if last is None or last[1][-1] or z is x:
+        if last is None or last[1]["act"] or z is x:
             return False
-        xin, w, b, y, *geometry = last[1]
-        self.steps[-1] = (impl, (xin, w, b, z, y, *geometry))
+        named = last[1]
+        named["z"] = z
+        spec = ops.OPS["conv2d_residual"]
+        self.steps[-1] = (impl, spec.call_args(named))
+        self.specs[-1] = spec
         return True
 
     def param(self, a):
@@ -340,12 +587,17 @@ class Plan:
         if self.device == "cpu":
             compute(host)
             self.steps.append((compute, (host,)))
+            self.specs.append(None)
             return host
         compute(host)
         return self.backend.asarray(host)
 
     def fail(self, message):
         raise LayerError(f"layer<{self.index}> {self.layer.kind}: {message}")
+
+
+# ops whose ``act`` argument is an epilogue a pointwise layer above can take over
+_EPILOGUE_OPS = tuple(name for name, s in ops.OPS.items() if not s.grad and "act" in s.attrs)
 
 
 class Program:
@@ -365,7 +617,7 @@ class Program:
         try:
             self.x = plan.empty(shape)
         except MemoryError as e:
-            raise type(e)(f"layer<{len(nodes) - 1}> input_tensor: {e}") from None
+            raise _named_memory_error(e, f"layer<{len(nodes) - 1}> {nodes[-1]._layer.kind}") from None
         y = self.x
         in_shape = shape
         outputs = []
@@ -373,23 +625,18 @@ class Program:
             node = nodes[i]
             layer = node._layer
             plan.index, plan.layer = i, layer
-            if isinstance(layer, input_tensor_):
-                if layer.k is not None and layer.k != in_shape[1]:
-                    plan.fail(f"expected input with {layer.k} channels (K) as at setup, "
-                              f"got shape {in_shape}")
+            try:
                 layer.setup(in_shape)
-            else:
-                try:
-                    layer.setup(in_shape)
-                    if not layer.disabled:
-                        y = layer.build(plan, y)
-                except ShapeError as e:
-                    plan.fail(str(e))
-                except MemoryError as e:
-                    raise type(e)(f"layer<{i}> {layer.kind}: {e}") from None
+                if not layer.disabled and not layer.is_input:
+                    y = layer.build(plan, y)
+            except ShapeError as e:
+                plan.fail(str(e))
+            except MemoryError as e:
+                raise _named_memory_error(e, f"layer<{i}> {layer.kind}") from None
             outputs.append((node, y))
             in_shape = tuple(y.shape)
         self.steps = plan.steps
+        self.specs = plan.specs
         self.outputs = outputs
         self.y = y
         self.graph = None
@@ -425,6 +672,18 @@ class Program:
         return self.y
 
 
+def _named_memory_error(e, where):
+    """A MemoryError whose message names the layer (numpy's own subclass cannot be rebuilt
+    from a message, so the result is a plain MemoryError unless the backend's has one)."""
+    cls = type(e)
+    msg = f"{where}: out of memory: {e}"
+    try:
+        return cls(msg)
+    except Exception:
+        return MemoryError(msg)
+
+
+# --------------------------------------------------------------------------- visitors
 def layer(net, i):
     """dlib's layer<i>(net): i = 0 is net itself; i may also be a tag factory
     (dnn.tag1 ...) or a layer class, giving the first such node from the top."""
@@ -457,3 +716,8 @@ def visit_layers_backwards(net, fn):
 def count_parameters(net):
     """The number of learnable parameters (allocated at the first forward)."""
     return int(sum(n._layer.num_parameters() for n in net.chain()))
+
+
+__all__ = ["Act", "IDENTITY", "Field", "Layer", "LayerError", "Node", "Param", "Plan", "Program",
+           "ShapeError", "count_parameters", "input_tensor_", "layer", "layer_classes",
+           "structure_changed", "visit_layers", "visit_layers_backwards"]

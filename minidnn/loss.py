@@ -9,12 +9,37 @@ from . import ops
 from .core import Layer, Node, ShapeError
 
 
-class loss_multiclass_log_(Layer):
+class Loss(Layer):
+    """WHAT THIS OBJECT REPRESENTS: the top layer of a network that is trained (dlib's
+    loss_*_). Its input is the subnet's output; the hooks beyond core.Layer's:
+
+    ``to_label(out) -> labels``: what ``net(x)`` returns for the subnet's output.
+    ``check_labels(y, n, out_shape) -> labels``: the training labels of n samples in
+        the form loss_and_grad takes; ValueError naming the loss for bad ones.
+    ``loss_and_grad(out, labels, dout) -> float``: the mean loss of the batch; writes
+        d loss / d out into dout (same shape as out).
+    """
+
+    is_loss = True
+    output_mode = None
+
+    def to_label(self, out):
+        return out
+
+    def check_labels(self, y, n, out_shape):
+        raise NotImplementedError(f"{self.kind}: check_labels")
+
+    def loss_and_grad(self, out, labels, dout):
+        raise NotImplementedError(f"{self.kind}: loss_and_grad")
+
+
+class loss_multiclass_log_(Loss):
     """WHAT THIS OBJECT REPRESENTS: softmax cross-entropy over the K outputs of a
     subnet whose output is (N, K, 1, 1). ``net(x)`` returns the int64 labels
     (N,) = argmax over k."""
 
     kind = "loss_multiclass_log"
+    record = "loss_multiclass_log_1"
 
     def setup(self, in_shape):
         if in_shape[2] != 1 or in_shape[3] != 1:
@@ -55,7 +80,7 @@ def loss_multiclass_log(subnet):
 
 
 
-class loss_mean_squared_(Layer):
+class loss_mean_squared_(Loss):
     """WHAT THIS OBJECT REPRESENTS: regression, dlib's loss_mean_squared (multi-output).
 
     The subnet's output (N, K, R, C) is compared with targets of K*R*C values per
@@ -65,6 +90,7 @@ class loss_mean_squared_(Layer):
     """
 
     kind = "loss_mean_squared"
+    record = "loss_mean_squared_1"
 
     def to_label(self, out):
         n = out.shape[0]
@@ -96,3 +122,7 @@ class loss_mean_squared_(Layer):
 
 def loss_mean_squared(subnet):
     return Node(loss_mean_squared_(), subnet)
+
+
+__all__ = ["Loss", "loss_multiclass_log_", "loss_multiclass_log", "loss_mean_squared_",
+           "loss_mean_squared"]

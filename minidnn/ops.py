@@ -1,36 +1,263 @@
-"""THE seam between layers and backends (dlib's ``tt::``).
+"""THE seam between layers and backends (dlib's ``tt::``): every op declared once.
 
-One function per primitive. Each dispatches on the array type of its first
-tensor argument: ``numpy.ndarray`` goes to ``backends/cpu.py``, a PyCUDA
-``GPUArray`` to ``backends/cuda.py``. Both backends implement the same names
-with the same signatures; docs/INTERNALS.md is the contract. Backends are
-imported lazily, so importing minidnn needs neither the compiled kernels of a
-backend that is not used nor any GPU software.
+Each op is one entry of ``OPS``: its name, its tensor inputs, its outputs and
+its attributes, in the order of its arguments, and one sentence of meaning.
+From that table come the dispatch functions of this module (``ops.conv2d(...)``
+runs the backend that owns the first tensor argument), the compiled forward's
+rewrites (which argument is the output, which is the activation epilogue),
+``backend_info``, and the contract test that every backend implements every op
+with the same signature (tests/test_ops_contract.py).
 
-Every tensor is float32, C-contiguous, shaped (N, K, R, C); outputs ``y`` are
-preallocated by the caller and filled in place.
+Backends are modules registered under their name and their array type:
+``numpy.ndarray`` -> ``backends/cpu.py``, PyCUDA's ``GPUArray`` ->
+``backends/cuda``. They are imported lazily, so importing minidnn needs
+neither the compiled kernels of a backend that is not used nor any GPU
+software. Training ops (``grad=True``) live in a second module per device,
+``backends/<name>_grad``, so that inference never loads them.
+
+Conventions: every tensor is float32, C-contiguous, shaped (N, K, R, C) (fc
+sees (N, D)); outputs are preallocated by the caller and filled in place,
+never accumulated into. ``act`` is an activation (:class:`Act`: a code and one
+float parameter; see kernels/common/activations.h) applied in the op's
+epilogue; ``True`` means relu and ``False``/``None`` identity.
 """
 import importlib
+import inspect
+from typing import NamedTuple
 
 import numpy as np
 
+
+# --------------------------------------------------------------------------- activations
+class Act(NamedTuple):
+    """An activation as data: ``code`` is its MDNN_ACT_* number in
+    kernels/common/activations.h, ``param`` its one parameter (alpha, ceiling,
+    beta; 0 when unused). ``name`` is what records and printing use."""
+    code: int
+    param: float = 0.0
+
+    @property
+    def name(self):
+        return ACT_NAMES[self.code]
+
+    def __bool__(self):            # identity is "no activation"
+        return self.code != 0
+
+    def __repr__(self):
+        if self.code in _PARAM_NAMES:
+            return f"{self.name}({_PARAM_NAMES[self.code]}={self.param:g})"
+        return self.name
+
+
+# code -> name and code -> parameter name, for the activations of
+# kernels/common/activations.h; each activation layer registers its own
+# (layers/activations.py), tests/test_activations.py checks them against the header.
+ACT_NAMES = {0: "identity", 1: "relu"}
+_PARAM_NAMES = {}
+IDENTITY = Act(0)
+RELU = Act(1)
+
+
+def register_act(code, name, param_name=None):
+    """Declare activation ``code`` (its MDNN_ACT_* number) under ``name``."""
+    if ACT_NAMES.get(code, name) != name:
+        raise ValueError(f"activation code {code} is already {ACT_NAMES[code]!r}")
+    ACT_NAMES[code] = name
+    if param_name:
+        _PARAM_NAMES[code] = param_name
+
+
+def act_by_name(name, param=0.0):
+    """The Act called ``name`` (KeyError when there is none)."""
+    for code, n in ACT_NAMES.items():
+        if n == name:
+            return Act(code, float(param) if code in _PARAM_NAMES else 0.0)
+    raise KeyError(name)
+
+
+def act_param_name(code):
+    """The name of activation ``code``'s parameter, or None when it has none."""
+    return _PARAM_NAMES.get(code)
+
+
+def as_act(a):
+    """An :class:`Act` from an Act, a bool (True: relu) or None (identity)."""
+    if isinstance(a, Act):
+        return a
+    if a is None or a is False:
+        return IDENTITY
+    if a is True:
+        return RELU
+    raise TypeError(f"expected an activation (minidnn.ops.Act) or a bool, got {a!r}")
+
+
+# --------------------------------------------------------------------------- the table
+class OpSpec(NamedTuple):
+    """One op: ``args`` in call order = inputs, outputs, attributes."""
+    name: str
+    inputs: tuple
+    outputs: tuple
+    attrs: tuple
+    optional: frozenset        # tensor arguments that may be None
+    grad: bool                 # a training op (backends/<name>_grad)
+    doc: str
+
+    @property
+    def args(self):
+        return self.inputs + self.outputs + self.attrs
+
+    @property
+    def output_index(self):
+        """Position of the (first) output argument."""
+        return len(self.inputs)
+
+    @property
+    def act_index(self):
+        """Position of the ``act`` attribute (the epilogue), or None."""
+        a = self.args
+        return a.index("act") if "act" in a else None
+
+    def bind(self, args):
+        """{argument name: value} for a call's positional ``args``."""
+        return dict(zip(self.args, args))
+
+    def call_args(self, named):
+        """The positional arguments for ``named`` (a dict from bind())."""
+        return tuple(named[a] for a in self.args)
+
+
+OPS = {}
+
+
+def _op(signature, doc, grad=False):
+    """Declare an op: ``"name: x w b? -> y; stride_y act"`` (``?``: may be None)."""
+    name, _, rest = signature.partition(":")
+    tensors, _, attrs = rest.partition(";")
+    ins, _, outs = tensors.partition("->")
+    ins, outs, attrs = ins.split(), outs.split(), attrs.split()
+    optional = frozenset(a.rstrip("?") for a in ins + outs if a.endswith("?"))
+    spec = OpSpec(name.strip(), tuple(a.rstrip("?") for a in ins), tuple(a.rstrip("?") for a in outs),
+                  tuple(attrs), optional, grad, doc)
+    OPS[spec.name] = spec
+    globals()[spec.name] = _dispatcher(spec)
+
+
+def _dispatcher(spec):
+    name = spec.name
+    if spec.grad:
+        def fn(*args):
+            return getattr(_grad(args[0]), name)(*args)
+    else:
+        def fn(*args):
+            return getattr(backend_of(args[0]), name)(*args)
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = spec.doc
+    fn.__signature__ = inspect.Signature(
+        [inspect.Parameter(a, inspect.Parameter.POSITIONAL_OR_KEYWORD) for a in spec.args])
+    fn.spec = spec
+    return fn
+
+
+def spec_of(fn):
+    """The OpSpec of an ops function or of a backend's implementation (by name), or None."""
+    spec = getattr(fn, "spec", None)
+    return spec if spec is not None else OPS.get(getattr(fn, "__name__", None))
+
+
+# ---- inference ---------------------------------------------------------------------------
+_op("conv2d: x w b? -> y; stride_y stride_x pad_y pad_x act",
+    "y (N,F,Ro,Co) = cross-correlation of x (N,K,R,C) with w (F,K,nr,nc), zero padded, plus "
+    "b (F,) unless None, then act; one pass.")
+_op("conv2d_residual: x w b? z -> y; stride_y stride_x pad_y pad_x act",
+    "As conv2d, plus z (N,F,Ro,Co) added before the activation in the same pass: "
+    "y = act(conv(x, w) + b + z). z never aliases y.")
+_op("fc: x w b? -> y; act",
+    "y (N,O) = act(x (N,D) @ w (O,D).T + b (O,) unless None).")
+_op("affine: x gamma beta -> y; act",
+    "y = act(x * gamma[k] + beta[k]) per channel k of x (N,K,R,C); FC-mode callers pass x "
+    "viewed as (N, K*R*C, 1, 1). y may be x.")
+_op("activation: x -> y; act",
+    "y = act(x) elementwise; y may be x.")
+_op("add: a b -> y; act",
+    "y = act(a + b) (same shapes); y may be a or b.")
+_op("max_pool: x -> y; nr nc stride_y stride_x pad_y pad_x",
+    "y = max over the in-bounds part of each nr x nc window of x (padding never counts).")
+_op("avg_pool: x -> y; nr nc stride_y stride_x pad_y pad_x",
+    "y = mean over the in-bounds part of each nr x nc window of x (padding excluded).")
+_op("softmax: x -> y",
+    "y[n,:,r,c] = softmax over k of x[n,:,r,c].")
+
+# ---- training ------------------------------------------------------------------------------
+_op("conv2d_grad_data: dy w -> dx; stride_y stride_x pad_y pad_x",
+    "dx (N,K,R,C) = d sum(dy * conv2d(x, w)) / dx for dy (N,F,Ro,Co), w (F,K,nr,nc).", grad=True)
+_op("conv2d_grad_params: x dy -> dw db?; stride_y stride_x pad_y pad_x",
+    "dw (F,K,nr,nc) = d sum(dy * conv2d(x, w)) / dw; db (F,) = sum of dy per filter "
+    "(skipped when db is None).", grad=True)
+_op("fc_grad_data: dy w -> dx",
+    "dx (N,D) = dy (N,O) @ w (O,D).", grad=True)
+_op("fc_grad_params: x dy -> dw db?",
+    "dw (O,D) = dy (N,O).T @ x (N,D); db (O,) = dy summed over samples (unless None).", grad=True)
+_op("activation_grad: x? y? dy -> dx; act",
+    "dx = dy * act'(x), given x and y = act(x) (the derivative may read either; pass None "
+    "for one it does not need: kernels/common/activations.h); dx may be dy.", grad=True)
+_op("bn_forward_train: x gamma beta -> y mean invstd running_mean running_var; avg_factor eps",
+    "Batch norm with this batch's statistics per channel of x (N,K,R,C) (FC mode: x viewed "
+    "(N,D,1,1)): y = gamma (x - mean) invstd + beta; writes mean and invstd (K,); "
+    "running_mean/var move towards the batch's by avg_factor (variance unbiased).", grad=True)
+_op("bn_grad: x gamma mean invstd dy -> dx dgamma dbeta",
+    "The backward of bn_forward_train: dx (N,K,R,C), dgamma and dbeta (K,).", grad=True)
+_op("affine_grad: x gamma dy -> dx? dgamma? dbeta?",
+    "The backward of affine: dx = dy * gamma[k]; dgamma = sum dy * x; dbeta = sum dy (per "
+    "channel); any output may be None.", grad=True)
+_op("max_pool_grad: x dy -> dx; nr nc stride_y stride_x pad_y pad_x",
+    "dx (N,K,R,C): dy goes to the first largest in-bounds input of each window.", grad=True)
+_op("avg_pool_grad: dy -> dx; nr nc stride_y stride_x pad_y pad_x",
+    "dx (N,K,R,C): dy shared equally by the in-bounds inputs of each window.", grad=True)
+_op("softmax_grad: y dy -> dx",
+    "dx = y * (dy - sum_k dy * y) per (n, r, c), y being softmax's output.", grad=True)
+_op("loss_multiclass_log: x labels -> dx",
+    "Mean softmax cross-entropy of x (N,K,1,1) against int64 labels (N,); writes "
+    "dx = (softmax(x) - onehot) / N; returns the loss (float).", grad=True)
+_op("loss_mean_squared: x t -> dx",
+    "sum (x - t)^2 / N over x and targets t of N*D values; writes dx = 2 (x - t) / N; "
+    "returns the loss (float).", grad=True)
+_op("sgd_update: w g v -> ; lr weight_decay momentum",
+    "In place: v = momentum v - lr (weight_decay w + g); w += v.", grad=True)
+_op("adam_update: w g m v -> ; lr weight_decay beta1 beta2 t",
+    "In place, step t >= 1: Adam with weight decay added to the gradient (dlib's adam).",
+    grad=True)
+_op("all_finite: a -> ",
+    "Whether every value of float32 array a is finite.", grad=True)
+
+
+# --------------------------------------------------------------------------- backends
 _by_type = {}       # array type -> backend module
 _by_name = {}       # "cpu" / "cuda" -> backend module
+_grad_by_name = {}
+DEVICES = ("cpu", "cuda")
+
+
+def register_backend(module, grad_module=None):
+    """Register a backend module: it names itself (``module.name``) and the class of its
+    arrays (``module.array_type``). Also used by tests for stand-in backends."""
+    _by_name[module.name] = module
+    _by_type[module.array_type] = module
+    if grad_module is not None:
+        _grad_by_name[module.name] = grad_module
+    return module
 
 
 def backend(name):
-    """Return the backend module called ``name`` ("cpu" or "cuda"), importing it once.
+    """The backend module called ``name`` ("cpu" or "cuda"), imported once.
 
     Raises RuntimeError with the reason (and how to install what is missing)
     when the backend cannot be loaded.
     """
     be = _by_name.get(name)
     if be is None:
-        if name not in ("cpu", "cuda"):
+        if name not in DEVICES:
             raise ValueError(f"unknown device {name!r}: expected 'cpu' or 'cuda'")
-        be = importlib.import_module(f"minidnn.backends.{name}")
-        _by_name[name] = be
-        _by_type[getattr(be, "array_type", np.ndarray if name == "cpu" else None)] = be
+        be = register_backend(importlib.import_module(f"minidnn.backends.{name}"))
     return be
 
 
@@ -40,66 +267,11 @@ def backend_of(x):
     if be is None:
         if isinstance(x, np.ndarray):
             return backend("cpu")
+        for t, b in _by_type.items():
+            if isinstance(x, t):
+                return b
         raise TypeError(f"expected a numpy.ndarray or a device array, got {type(x).__name__}")
     return be
-
-
-def conv2d(x, w, b, y, stride_y, stride_x, pad_y, pad_x, relu):
-    """y (N,F,Ro,Co) = cross-correlation of x (N,K,R,C) with w (F,K,nr,nc), zero padded,
-    plus b (F,) unless None, then max(., 0) if relu; one pass."""
-    backend_of(x).conv2d(x, w, b, y, stride_y, stride_x, pad_y, pad_x, relu)
-
-
-def conv2d_residual(x, w, b, z, y, stride_y, stride_x, pad_y, pad_x, relu):
-    """As conv2d, plus z (N,F,Ro,Co) added before the relu in the same pass:
-    y = conv(x, w) + b + z, then max(., 0) if relu. z never aliases y."""
-    backend_of(x).conv2d_residual(x, w, b, z, y, stride_y, stride_x, pad_y, pad_x, relu)
-
-
-def fc(x, w, b, y, relu):
-    """y (N,O) = x (N,D) @ w(O,D).T + b (O,) unless None, then max(., 0) if relu."""
-    backend_of(x).fc(x, w, b, y, relu)
-
-
-def affine(x, gamma, beta, y, relu):
-    """y = x * gamma[k] + beta[k] per channel k of x (N,K,R,C), then max(., 0) if relu.
-    FC-mode callers pass x viewed as (N, K*R*C, 1, 1)."""
-    backend_of(x).affine(x, gamma, beta, y, relu)
-
-
-def relu(x, y):
-    """y = max(x, 0); y may be x."""
-    backend_of(x).relu(x, y)
-
-
-def add(a, b, y, relu):
-    """y = a + b (same shapes), then max(., 0) if relu; y may be a or b."""
-    backend_of(a).add(a, b, y, relu)
-
-
-def max_pool(x, y, nr, nc, stride_y, stride_x, pad_y, pad_x):
-    """y = max over the in-bounds part of each nr x nc window of x (padding never counts)."""
-    backend_of(x).max_pool(x, y, nr, nc, stride_y, stride_x, pad_y, pad_x)
-
-
-def avg_pool(x, y, nr, nc, stride_y, stride_x, pad_y, pad_x):
-    """y = mean over the in-bounds part of each nr x nc window of x (padding excluded)."""
-    backend_of(x).avg_pool(x, y, nr, nc, stride_y, stride_x, pad_y, pad_x)
-
-
-def softmax(x, y):
-    """y[n,:,r,c] = softmax over k of x[n,:,r,c]."""
-    backend_of(x).softmax(x, y)
-
-
-# ---------------------------------------------------------------------------- training
-# The backward passes, batch-norm with batch statistics, the losses and the
-# solver updates (used by minidnn/train.py). They live in a separate backend
-# module per device ("minidnn.backends.<name>_grad") so that inference never
-# loads them; the GPU has none yet. Gradients are written into the
-# preallocated outputs, never accumulated into.
-
-_grad_by_name = {}
 
 
 def _grad(x):
@@ -107,95 +279,25 @@ def _grad(x):
     name = backend_of(x).name
     be = _grad_by_name.get(name)
     if be is None:
-        if name != "cpu":
-            raise NotImplementedError(f"training on the {name} backend is not supported yet: "
-                                      f"train on the CPU, then move the net with net.to({name!r})")
-        be = _grad_by_name[name] = importlib.import_module(f"minidnn.backends.{name}_grad")
+        try:
+            be = importlib.import_module(f"minidnn.backends.{name}_grad")
+        except ModuleNotFoundError:
+            raise NotImplementedError(
+                f"training on the {name} backend is not supported yet: train on the CPU, "
+                f"then move the net with net.to({name!r})") from None
+        _grad_by_name[name] = be
     return be
 
 
-def conv2d_grad_data(dy, w, dx, stride_y, stride_x, pad_y, pad_x):
-    """dx (N,K,R,C) = d sum(dy * conv2d(x, w)) / dx for dy (N,F,Ro,Co), w (F,K,nr,nc)."""
-    _grad(dy).conv2d_grad_data(dy, w, dx, stride_y, stride_x, pad_y, pad_x)
-
-
-def conv2d_grad_params(x, dy, dw, db, stride_y, stride_x, pad_y, pad_x):
-    """dw (F,K,nr,nc) = d sum(dy * conv2d(x, w)) / dw; db (F,) = sum of dy per filter
-    (skipped when db is None)."""
-    _grad(x).conv2d_grad_params(x, dy, dw, db, stride_y, stride_x, pad_y, pad_x)
-
-
-def fc_grad_data(dy, w, dx):
-    """dx (N,D) = dy (N,O) @ w (O,D)."""
-    _grad(dy).fc_grad_data(dy, w, dx)
-
-
-def fc_grad_params(x, dy, dw, db):
-    """dw (O,D) = dy (N,O).T @ x (N,D); db (O,) = dy summed over samples (unless None)."""
-    _grad(x).fc_grad_params(x, dy, dw, db)
-
-
-def relu_grad(y, dy, dx):
-    """dx = dy where relu's output y > 0, else 0; dx may be dy."""
-    _grad(y).relu_grad(y, dy, dx)
-
-
-def bn_forward_train(x, gamma, beta, y, mean, invstd, running_mean, running_var, avg_factor, eps):
-    """Batch norm with this batch's statistics per channel of x (N,K,R,C) (FC mode: x
-    viewed (N,D,1,1)): y = gamma (x - mean) invstd + beta; writes mean and invstd (K,);
-    running_mean/var move towards the batch's by avg_factor (variance unbiased)."""
-    _grad(x).bn_forward_train(x, gamma, beta, y, mean, invstd, running_mean, running_var,
-                              avg_factor, eps)
-
-
-def bn_grad(x, gamma, mean, invstd, dy, dx, dgamma, dbeta):
-    """The backward of bn_forward_train: dx (N,K,R,C), dgamma and dbeta (K,)."""
-    _grad(x).bn_grad(x, gamma, mean, invstd, dy, dx, dgamma, dbeta)
-
-
-def affine_grad(x, gamma, dy, dx, dgamma, dbeta):
-    """The backward of affine: dx = dy * gamma[k]; dgamma = sum dy * x; dbeta = sum dy
-    (per channel); any output may be None."""
-    _grad(dy).affine_grad(x, gamma, dy, dx, dgamma, dbeta)
-
-
-def max_pool_grad(x, dy, dx, nr, nc, stride_y, stride_x, pad_y, pad_x):
-    """dx (N,K,R,C): dy goes to the first largest in-bounds input of each window."""
-    _grad(x).max_pool_grad(x, dy, dx, nr, nc, stride_y, stride_x, pad_y, pad_x)
-
-
-def avg_pool_grad(dy, dx, nr, nc, stride_y, stride_x, pad_y, pad_x):
-    """dx (N,K,R,C): dy shared equally by the in-bounds inputs of each window."""
-    _grad(dy).avg_pool_grad(dy, dx, nr, nc, stride_y, stride_x, pad_y, pad_x)
-
-
-def softmax_grad(y, dy, dx):
-    """dx = y * (dy - sum_k dy * y) per (n, r, c), y being softmax's output."""
-    _grad(y).softmax_grad(y, dy, dx)
-
-
-def loss_multiclass_log(x, labels, dx):
-    """Mean softmax cross-entropy of x (N,K,1,1) against int64 labels (N,);
-    writes dx = (softmax(x) - onehot) / N; returns the loss (float)."""
-    return _grad(x).loss_multiclass_log(x, labels, dx)
-
-
-def loss_mean_squared(x, t, dx):
-    """sum (x - t)^2 / N over x and targets t of N*D values; writes dx = 2 (x - t) / N;
-    returns the loss (float)."""
-    return _grad(x).loss_mean_squared(x, t, dx)
-
-
-def sgd_update(w, g, v, lr, weight_decay, momentum):
-    """In place: v = momentum v - lr (weight_decay w + g); w += v."""
-    _grad(w).sgd_update(w, g, v, lr, weight_decay, momentum)
-
-
-def adam_update(w, g, m, v, lr, weight_decay, beta1, beta2, t):
-    """In place, step t >= 1: Adam with weight decay added to the gradient (dlib's adam)."""
-    _grad(w).adam_update(w, g, m, v, lr, weight_decay, beta1, beta2, t)
-
-
-def all_finite(a):
-    """Whether every value of float32 array a is finite."""
-    return _grad(a).all_finite(a)
+def implementation(backend_module, name):
+    """The backend's function for op ``name``; NotImplementedError when it has none."""
+    spec = OPS[name]
+    mod = backend_module
+    if spec.grad:
+        mod = _grad_by_name.get(backend_module.name)
+        if mod is None:
+            mod = _grad(backend_module.empty((1,)))
+    fn = getattr(mod, name, None)
+    if fn is None:
+        raise NotImplementedError(f"the {backend_module.name} backend has no kernel for {name}")
+    return fn

@@ -3,14 +3,15 @@
 docs/FORMAT.md is the specification; this module is one implementation of it.
 In short: a header (magic, format version, record count), then one record per
 layer from the top of the network (layer<0>) down to its input, each starting
-with a dlib-style version tag (``con_1``, ``affine_2`` ...), then a CRC-32
+with a dlib-style version tag (``con_2``, ``affine_2`` ...), then a CRC-32
 of everything before it. Nothing in a file is ever executed: a record tag
 selects a reader from the table ``RECORDS``, and readers only parse numbers.
 
-Adding a layer (or a new version of one) touches this file only: write a
-writer and a reader below and ``register`` them. An older version of a record
-stays registered with ``write=None`` so that old files keep loading (see
-``affine_1``).
+This module keeps the container, the registry and the checks. The records
+themselves live with their layers (core.Layer: ``record``, ``settings``,
+``params``, ``state``, ``old_records``, or ``write_record``/``read_record``):
+every layer class that declares a record is registered here; ``register``
+adds one by hand (a layer defined outside minidnn, say).
 
 Every problem with a file raises :class:`SerializationError` (a ValueError)
 naming the layer index and the record, before anything larger than the file
@@ -27,10 +28,11 @@ import zlib
 
 import numpy as np
 
-from .core import Node, input_tensor_
-from .layers import (CONV, FC, add_prev_, affine_, avg_pool_, bn_, con_, fc_, max_pool_, relu_,
-                     skip_, softmax_, tag_)
-from .loss import loss_mean_squared_, loss_multiclass_log_
+from . import ops
+from .core import Node, layer_classes
+from . import layers as _layers  # noqa: F401  (defines, and so registers, the layer classes)
+from . import loss as _loss  # noqa: F401
+from .layers.common import CONV, FC
 
 MAGIC = b"MINIDNN\x00"
 FORMAT_VERSION = 1
@@ -64,6 +66,39 @@ class Writer:
 
     def f64(self, v):
         self._buf.write(struct.pack("<d", float(v)))
+
+    def mode(self, v):
+        if v not in (CONV, FC):
+            raise SerializationError(f"mode is {v!r}: expected 'conv' or 'fc'")
+        self.u8(0 if v == CONV else 1)
+
+    def string(self, name, v):
+        b = str(v).encode("ascii")
+        if len(b) > 255:
+            raise SerializationError(f"{name} {v!r} is longer than 255 bytes")
+        self.u8(len(b))
+        self._buf.write(b)
+
+    def act(self, name, a):
+        """An activation: its name (u8 length + ASCII), then its parameter (f64)."""
+        a = ops.as_act(a)
+        self.string(name, a.name)
+        self.f64(a.param)
+
+    def field(self, f, v):
+        """One core.Field of a layer's settings."""
+        if f.type == "u32":
+            self.u32(f.name, v)
+        elif f.type == "f64":
+            self.f64(v)
+        elif f.type == "bool":
+            self.bool(v)
+        elif f.type == "mode":
+            self.mode(v)
+        elif f.type == "act":
+            self.act(f.name, v)
+        else:
+            raise SerializationError(f"field {f.name}: unknown field type {f.type!r}")
 
     def array(self, name, a, ndim):
         """present u8; if 1: ndim u8, dims u32 x ndim, float32 data in C order."""
@@ -112,6 +147,50 @@ class Reader:
     def f64(self, name):
         return struct.unpack_from("<d", self._data, self._take(8, name))[0]
 
+    def mode(self, name="mode"):
+        m = self.u8(name)
+        if m > 1:
+            raise SerializationError(f"{name} is {m}: expected 0 (conv) or 1 (fc)")
+        return CONV if m == 0 else FC
+
+    def string(self, name):
+        n = self.u8(f"{name} length")
+        p = self._take(n, name)
+        try:
+            return bytes(self._data[p:p + n]).decode("ascii")
+        except UnicodeDecodeError:
+            raise SerializationError(f"{name} is not ASCII") from None
+
+    def act(self, name="act"):
+        a = self.string(name)
+        p = self.f64(f"{name} parameter")
+        try:
+            act = ops.act_by_name(a, p)
+        except KeyError:
+            raise SerializationError(f"{name}: unknown activation {a!r}") from None
+        if not np.isfinite(p):
+            raise SerializationError(f"{name}: parameter {p!r} is not finite")
+        if ops.act_param_name(act.code) is None and (p != 0 or np.signbit(p)):
+            raise SerializationError(f"{name}: {a} has no parameter, but the record holds {p!r} "
+                                     f"(expected 0)")
+        return act
+
+    def field(self, f):
+        if f.type == "u32":
+            return self.u32(f.name)
+        if f.type == "f64":
+            v = self.f64(f.name)
+            if not np.isfinite(v):
+                raise SerializationError(f"{f.name} is {v!r}: expected a finite number")
+            return v
+        if f.type == "bool":
+            return self.bool(f.name)
+        if f.type == "mode":
+            return self.mode(f.name)
+        if f.type == "act":
+            return self.act(f.name)
+        raise SerializationError(f"field {f.name}: unknown field type {f.type!r}")
+
     def array(self, name, ndim):
         """A float32 array of rank ``ndim`` (a writable copy), or None when absent."""
         if not self.bool(f"{name} present"):
@@ -137,223 +216,11 @@ class Reader:
             raise SerializationError(f"{self.end - self.pos} unread bytes at the end of the record")
 
 
-def _mode_code(mode):
-    if mode not in (CONV, FC):
-        raise SerializationError(f"mode is {mode!r}: expected 'conv' or 'fc'")
-    return 0 if mode == CONV else 1
-
-
-def _read_mode(r):
-    m = r.u8("mode")
-    if m > 1:
-        raise SerializationError(f"mode is {m}: expected 0 (conv) or 1 (fc)")
-    return CONV if m == 0 else FC
-
-
-def _maybe_disable(layer, disabled):
-    if disabled:
-        layer.disable()
-    return layer
-
-
-def _check_shape(name, a, shape):
-    if a is not None and a.shape != shape:
-        raise SerializationError(f"parameter {name} has shape {a.shape}: expected {shape}")
-
-
-def _all_or_none(names, arrays):
-    present = [a is not None for a in arrays]
-    if any(present) and not all(present):
-        raise SerializationError(f"parameters {', '.join(names)} must be all present or all absent")
-
-
 # ----------------------------------------------------------------------------- records
-def _write_input(w, l):
-    w.bool(l.disabled)
-    w.u32("k", 0 if l.k is None else l.k)
-
-
-def _read_input(r):
-    disabled = r.bool("disabled")
-    k = r.u32("k")
-    l = input_tensor_()
-    l.k = k or None
-    return _maybe_disable(l, disabled)
-
-
-def _write_con(w, l):
-    w.bool(l.disabled)
-    for f in ("num_filters", "nr", "nc", "stride_y", "stride_x", "padding_y", "padding_x"):
-        w.u32(f, getattr(l, f))
-    w.bool(l.bias)
-    w.bool(l.fused_relu)
-    w.array("filters", l.filters, 4)
-    w.array("biases", l.biases, 1)
-
-
-def _read_con(r):
-    disabled = r.bool("disabled")
-    f, nr, nc, sy, sx, py, px = (r.u32(n) for n in ("num_filters", "nr", "nc", "stride_y", "stride_x",
-                                                     "padding_y", "padding_x"))
-    l = con_(f, nr, nc, sy, sx, py, px, r.bool("bias"))
-    l.fused_relu = r.bool("fused_relu")
-    l.filters = r.array("filters", 4)
-    l.biases = r.array("biases", 1)
-    return _maybe_disable(l, disabled)
-
-
-def _check_con(l):
-    if l.filters is not None:
-        _check_shape("filters", l.filters, (l.num_filters, l.filters.shape[1], l.nr, l.nc))
-    elif l.biases is not None:
-        raise SerializationError("biases present without filters")
-    _check_shape("biases", l.biases, (l.num_filters,))
-
-
-def _write_fc(w, l):
-    w.bool(l.disabled)
-    w.u32("num_outputs", l.num_outputs)
-    w.bool(l.bias)
-    w.bool(l.fused_relu)
-    w.array("weights", l.weights, 2)
-    w.array("biases", l.biases, 1)
-
-
-def _read_fc(r):
-    disabled = r.bool("disabled")
-    l = fc_(r.u32("num_outputs"), r.bool("bias"))
-    l.fused_relu = r.bool("fused_relu")
-    l.weights = r.array("weights", 2)
-    l.biases = r.array("biases", 1)
-    return _maybe_disable(l, disabled)
-
-
-def _check_fc(l):
-    if l.weights is not None:
-        _check_shape("weights", l.weights, (l.num_outputs, l.weights.shape[1]))
-    elif l.biases is not None:
-        raise SerializationError("biases present without weights")
-    _check_shape("biases", l.biases, (l.num_outputs,))
-
-
-_BN_PARAMS = ("gamma", "beta", "running_mean", "running_var")
-
-
-def _write_bn(w, l):
-    w.bool(l.disabled)
-    w.u8(_mode_code(l.mode))
-    w.f64(l.eps)
-    for p in _BN_PARAMS:
-        w.array(p, getattr(l, p), 1)
-
-
-def _read_bn(r):
-    disabled = r.bool("disabled")
-    mode = _read_mode(r)
-    eps = r.f64("eps")
-    if not (np.isfinite(eps) and eps > 0):
-        raise SerializationError(f"eps is {eps!r}: expected a finite number > 0")
-    l = bn_(mode, eps)
-    for p in _BN_PARAMS:
-        setattr(l, p, r.array(p, 1))
-    return _maybe_disable(l, disabled)
-
-
-def _write_bn_2(w, l):
-    _write_bn(w, l)
-    w.u32("num_updates", int(getattr(l, "num_updates", 0)))
-
-
-def _read_bn_2(r):
-    l = _read_bn(r)
-    n = r.u32("num_updates")
-    if n > l.running_stats_window_size:
-        raise SerializationError(f"num_updates is {n}: expected at most "
-                                 f"{l.running_stats_window_size} (the running-average window)")
-    if n:
-        l.num_updates = n
-    return l
-
-
-def _check_bn(l):
-    arrays = [getattr(l, p) for p in _BN_PARAMS]
-    _all_or_none(_BN_PARAMS, arrays)
-    for p, a in zip(_BN_PARAMS, arrays):
-        _check_shape(p, a, arrays[0].shape if arrays[0] is not None else None)
-
-
-def _read_affine_1(r):
-    """The older affine record: mode and parameters, no disabled flag (loads enabled)."""
-    mode = _read_mode(r)
-    return affine_(mode, r.array("gamma", 1), r.array("beta", 1))
-
-
-def _write_affine_2(w, l):
-    w.bool(l.disabled)
-    w.u8(_mode_code(l.mode))
-    # A disabled affine has no parameters (affine_.disable() drops them): written absent.
-    w.array("gamma", None if l.disabled else l.gamma, 1)
-    w.array("beta", None if l.disabled else l.beta, 1)
-
-
-def _read_affine_2(r):
-    disabled = r.bool("disabled")
-    mode = _read_mode(r)
-    gamma, beta = r.array("gamma", 1), r.array("beta", 1)
-    if disabled and gamma is not None:
-        raise SerializationError("a disabled affine must have no gamma/beta")
-    l = affine_(mode)
-    l.gamma, l.beta = gamma, beta
-    return _maybe_disable(l, disabled)
-
-
-def _check_affine(l):
-    if l.disabled:
-        return                      # its parameters are not written
-    _all_or_none(("gamma", "beta"), (l.gamma, l.beta))
-    if l.gamma is not None:
-        _check_shape("beta", l.beta, l.gamma.shape)
-
-
-_POOL_FIELDS = ("nr", "nc", "stride_y", "stride_x", "padding_y", "padding_x")
-
-
-def _write_pool(w, l):
-    w.bool(l.disabled)
-    for f in _POOL_FIELDS:
-        w.u32(f, getattr(l, f))
-
-
-def _pool_reader(cls):
-    def read(r):
-        disabled = r.bool("disabled")
-        return _maybe_disable(cls(*(r.u32(f) for f in _POOL_FIELDS)), disabled)
-    return read
-
-
-def _write_flag_only(w, l):
-    w.bool(l.disabled)
-
-
-def _flag_only_reader(cls):
-    def read(r):
-        return _maybe_disable(cls(), r.bool("disabled"))
-    return read
-
-
-def _write_id(w, l):
-    w.u32("id", l.id)
-
-
-def _id_reader(cls):
-    def read(r):
-        return cls(r.u32("id"))
-    return read
-
-
-# tag -> Record(cls, write, read, check). ``write`` is None for an older version that is only
-# read; the newest registered record with a writer is the one written for ``cls``. ``check``
-# (optional) validates a layer's parameters against its settings, on save and on load.
+# tag -> Record(cls, write, read, check). ``write(w, layer)`` is None for an older version
+# that is only read; the newest registered record with a writer is the one written for
+# ``cls``. ``read(r) -> layer``; ``check(layer)`` (optional) validates a layer's arrays
+# against its settings, on save and on load.
 Record = collections.namedtuple("Record", "cls write read check")
 RECORDS = {}
 _TAG_RE = re.compile(r"[a-z][a-z0-9_]*_[0-9]+\Z")
@@ -371,24 +238,54 @@ def register(tag, cls, write, read, check=None):
     RECORDS[tag] = Record(cls, write, read, check)
 
 
-register("input_tensor_1", input_tensor_, _write_input, _read_input)
-register("con_1", con_, _write_con, _read_con, _check_con)
-register("fc_1", fc_, _write_fc, _read_fc, _check_fc)
-register("relu_1", relu_, _write_flag_only, _flag_only_reader(relu_))
-register("bn_1", bn_, None, _read_bn, _check_bn)              # older: no update count
-register("bn_2", bn_, _write_bn_2, _read_bn_2, _check_bn)
-register("affine_1", affine_, None, _read_affine_1, _check_affine)
-register("affine_2", affine_, _write_affine_2, _read_affine_2, _check_affine)
-register("max_pool_1", max_pool_, _write_pool, _pool_reader(max_pool_))
-register("avg_pool_1", avg_pool_, _write_pool, _pool_reader(avg_pool_))
-register("softmax_1", softmax_, _write_flag_only, _flag_only_reader(softmax_))
-register("tag_1", tag_, _write_id, _id_reader(tag_))
-register("skip_1", skip_, _write_id, _id_reader(skip_))
-register("add_prev_1", add_prev_, _write_id, _id_reader(add_prev_))
-register("loss_multiclass_log_1", loss_multiclass_log_, _write_flag_only,
-         _flag_only_reader(loss_multiclass_log_))
-register("loss_mean_squared_1", loss_mean_squared_, _write_flag_only,
-         _flag_only_reader(loss_mean_squared_))
+def write_declared(w, layer):
+    """The record of a layer from its declarations: disabled, its settings in order, then
+    its ``params`` and ``state`` arrays."""
+    w.bool(layer.disabled)
+    for f in layer.settings:
+        w.field(f, getattr(layer, f.name))
+    for p in tuple(layer.params) + tuple(layer.state):
+        w.array(p, getattr(layer, p), p.ndim)
+
+
+def read_declared(cls, r):
+    """The inverse of write_declared: the layer built from its settings (keyword
+    arguments of its constructor), its arrays set, disabled last."""
+    disabled = r.bool("disabled")
+    layer = cls(**{f.name: r.field(f) for f in cls.settings})
+    for p in tuple(cls.params) + tuple(cls.state):
+        layer.set_array(p, r.array(p, p.ndim))
+    if disabled:
+        layer.disable()
+    return layer
+
+
+def _check(layer):
+    try:
+        layer.check_record()
+    except SerializationError:
+        raise
+    except ValueError as e:
+        raise SerializationError(str(e)) from None
+
+
+def _register_layer_class(cls):
+    """The records a layer class declares: its own (``record``) and its older ones."""
+    if cls.write_record is not None:
+        write = lambda w, l: l.write_record(w)                      # noqa: E731
+    else:
+        write = write_declared
+    if cls.read_record is not None:
+        read = lambda r, cls=cls, tag=cls.record: cls.read_record(r, tag)  # noqa: E731
+    else:
+        read = lambda r, cls=cls: read_declared(cls, r)             # noqa: E731
+    for old, method in cls.old_records.items():
+        register(old, cls, None, lambda r, cls=cls, m=method, t=old: getattr(cls, m)(r, t), _check)
+    register(cls.record, cls, write, read, _check)
+
+
+for _cls in layer_classes():
+    _register_layer_class(_cls)
 
 
 def _writer_tag(cls):
@@ -409,19 +306,19 @@ def _kind(layer):
 def _check_structure(layers, where):
     """The checks that need the whole chain (layers top first); ``where(i)`` names layer i."""
     n = len(layers)
-    if n == 0 or not isinstance(layers[-1], input_tensor_):
+    if n == 0 or not layers[-1].is_input:
         raise SerializationError(f"{where(n - 1)}: the bottom layer must be an input_tensor")
     tags = set()
     for i in range(n - 1, -1, -1):
         l = layers[i]
-        if isinstance(l, input_tensor_) and i != n - 1:
+        if l.is_input and i != n - 1:
             raise SerializationError(f"{where(i)}: an input_tensor can only be the bottom layer")
-        if _kind(l).startswith("loss") and i != 0:
+        if l.is_loss and i != 0:
             raise SerializationError(f"{where(i)}: a loss layer can only be the top layer (layer<0>)")
-        if isinstance(l, tag_):
-            tags.add(l.id)
-        if isinstance(l, (skip_, add_prev_)) and l.id not in tags:
-            raise SerializationError(f"{where(i)}: there is no tag{l.id} below this layer")
+        for t in l.tags_used():
+            if t not in tags:
+                raise SerializationError(f"{where(i)}: there is no tag{t} below this layer")
+        tags.update(l.tags_defined())
 
 
 # ----------------------------------------------------------------------------- writing

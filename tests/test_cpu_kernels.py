@@ -567,7 +567,7 @@ def test_relu(shape, inplace, threads):
     x = rand(*shape)
     ref = np.maximum(x.astype(np.float64), 0)
     y = x if inplace else np.full(shape, np.nan, np.float32)
-    cpu.relu(x, y)
+    cpu.activation(x, y, True)
     assert_close(y, ref)
 
 
@@ -710,14 +710,14 @@ def test_fc_bad_calls_raise():
 def test_eltwise_bad_calls_raise():
     x = rand(2, 3, 4, 5)
     with pytest.raises(ValueError):
-        cpu.relu(x, cpu.empty((2, 3, 4, 6)))
+        cpu.activation(x, cpu.empty((2, 3, 4, 6)), True)
     with pytest.raises(ValueError):
-        cpu.relu(x, x.astype(np.float64))
+        cpu.activation(x, x.astype(np.float64), True)
     with pytest.raises(ValueError):
         cpu.add(x, rand(2, 3, 4, 4), cpu.empty(x.shape), False)
     with pytest.raises(ValueError):
         big = rand(2 * 3 * 4 * 5 + 1)
-        cpu.relu(big[1:].reshape(x.shape), big[:-1].reshape(x.shape))   # partial overlap
+        cpu.activation(big[1:].reshape(x.shape), big[:-1].reshape(x.shape), True)   # partial overlap
     with pytest.raises(ValueError):
         cpu.affine(x, rand(4), rand(3), cpu.empty(x.shape), False)
     with pytest.raises(ValueError):

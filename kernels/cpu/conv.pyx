@@ -29,6 +29,7 @@ Workspace: one grow-only buffer per module, guarded by a lock that is only
 for that call instead of waiting or racing.
 """
 include "check.pxi"
+include "act.pxi"
 
 from cython.parallel cimport prange, threadid
 from libc.stdlib cimport free
@@ -43,7 +44,8 @@ cdef extern from "gemm_avx2.h" nogil:
         const float* z
         float* y
         int N, K, R, C, F, nr, nc, sy, sx, py, px, Ro, Co, P, KRS
-        int relu
+        int act
+        float act_p
     int MDNN_NR, MDNN_KC, MDNN_MR, MDNN_MC, MDNN_NARROW
     int mdnn_have_avx2()
     int mdnn_kc, mdnn_mc
@@ -55,7 +57,7 @@ cdef extern from "gemm_avx2.h" nogil:
                                float* pbuf)
     void mdnn_kernel_narrow(int mr, int w, int kc, const float* a, long lda,
                             const float* bt, float* out, const long* yoff, long ldo,
-                            int mode, const float* bias, const float* zb, int relu)
+                            int mode, const float* bias, const float* zb, int act, float ap)
     int MDNN_EPI
 
 include "workspace.pxi"
@@ -69,36 +71,30 @@ def workspace_bytes():
 # ------------------------------------------------------------------ helpers
 
 cdef inline void _epilogue(float* y, isize ld, int rows, int cols,
-                           const float* b, const float* z, bint relu) noexcept nogil:
+                           const float* b, const float* z, int act, float ap) noexcept nogil:
     """y[r*ld + c] += b[r] (if b) + z[r*ld + c] (if z: the residual, laid out
-    like y), then max(., 0) (if relu); rows x cols."""
+    like y), then the activation act (activations.h); rows x cols."""
     cdef int r, c
     cdef float bv
     cdef float* yr
     cdef const float* zr
-    if z != NULL:
-        for r in range(rows):
-            yr = y + r * ld
-            zr = z + r * ld
-            bv = b[r] if b != NULL else 0.0
-            if relu:
-                for c in range(cols):
-                    yr[c] = max(yr[c] + bv + zr[c], <float>0.0)
-            else:
-                for c in range(cols):
-                    yr[c] = yr[c] + bv + zr[c]
-        return
-    if b == NULL and not relu:
+    if b == NULL and z == NULL and act == MDNN_ACT_IDENTITY:
         return
     for r in range(rows):
         yr = y + r * ld
         bv = b[r] if b != NULL else 0.0
-        if relu:
+        if z != NULL:
+            zr = z + r * ld
             for c in range(cols):
-                yr[c] = max(yr[c] + bv, <float>0.0)
-        else:
+                yr[c] = yr[c] + bv + zr[c]
+        elif b != NULL:
             for c in range(cols):
                 yr[c] = yr[c] + bv
+        if act == MDNN_ACT_RELU:
+            for c in range(cols):
+                yr[c] = max(yr[c], <float>0.0)
+        elif act != MDNN_ACT_IDENTITY:
+            mdnn_act_array(act, ap, yr, yr, cols)
 
 
 cdef inline int _cdiv(int a, int b) noexcept nogil:
@@ -171,13 +167,14 @@ cdef struct ConvArgs:
     int pw, n_pc       # pixel chunk width, chunks per sample
     int fw, n_fb       # filter block height, blocks
     bint direct        # 1x1, stride 1, pad 0: x[n] is already the column matrix
-    bint relu
+    int act            # the epilogue's activation (activations.h) and its parameter
+    float act_p
 
 
 cdef void _conv_task(const ConvArgs* a, isize task, int tid) noexcept nogil:
     """One task = (sample group, pixel chunk, filter block): im2col of the
     chunk into this thread's workspace, one single-threaded sgemm, then the
-    bias/residual/relu epilogue on the block while it is still in cache."""
+    bias/residual/activation epilogue on the block while it is still in cache."""
     cdef int per_g = a.n_pc * a.n_fb
     cdef int g = <int>(task // per_g)
     cdef int r = <int>(task - <isize>g * per_g)
@@ -215,7 +212,7 @@ cdef void _conv_task(const ConvArgs* a, isize task, int tid) noexcept nogil:
               <float*>a.w + <isize>f0 * a.KRS, &ldb, &zero, yn + <isize>f0 * a.P + p0, &ldc)
         _epilogue(yn + <isize>f0 * a.P + p0, a.P, fwid, pwid,
                   a.b + f0 if a.b != NULL else NULL,
-                  zn + <isize>f0 * a.P + p0 if zn != NULL else NULL, a.relu)
+                  zn + <isize>f0 * a.P + p0 if zn != NULL else NULL, a.act, a.act_p)
         return
     # Few pixels per sample: one GEMM over gn samples side by side
     # (m = gn*P columns), so sgemm gets a wide panel and packs w once per
@@ -239,21 +236,11 @@ cdef void _conv_task(const ConvArgs* a, isize task, int tid) noexcept nogil:
         for f in range(fwid):
             src = out + <isize>f * m + s * a.P
             dst = yn + s * ys + <isize>(f0 + f) * a.P
-            bv = a.b[f0 + f] if a.b != NULL else 0.0
-            if zn != NULL:
-                zs = zn + s * ys + <isize>(f0 + f) * a.P
-                if a.relu:
-                    for p in range(a.P):
-                        dst[p] = max(src[p] + bv + zs[p], <float>0.0)
-                else:
-                    for p in range(a.P):
-                        dst[p] = src[p] + bv + zs[p]
-            elif a.relu:
-                for p in range(a.P):
-                    dst[p] = max(src[p] + bv, <float>0.0)
-            else:
-                for p in range(a.P):
-                    dst[p] = src[p] + bv
+            for p in range(a.P):
+                dst[p] = src[p]
+        _epilogue(yn + s * ys + <isize>f0 * a.P, a.P, fwid, a.P,
+                  a.b + f0 if a.b != NULL else NULL,
+                  zn + s * ys + <isize>f0 * a.P if zn != NULL else NULL, a.act, a.act_p)
 
 
 # Tuning knobs, measured on the reference machine (2-core EPYC, OpenBLAS
@@ -474,7 +461,7 @@ cdef void _conv_implicit(const ConvArgs* a, int nt) except *:
     g.c.N = a.N; g.c.K = a.K; g.c.R = a.R; g.c.C = a.C; g.c.F = a.F
     g.c.nr = a.nr; g.c.nc = a.nc; g.c.sy = a.sy; g.c.sx = a.sx
     g.c.py = a.py; g.c.px = a.px; g.c.Ro = a.Ro; g.c.Co = a.Co
-    g.c.P = a.P; g.c.KRS = a.KRS; g.c.relu = a.relu
+    g.c.P = a.P; g.c.KRS = a.KRS; g.c.act = a.act; g.c.act_p = a.act_p
     _ig_plan(&g, nt)
     cdef isize ntasks = <isize>g.n_cc * g.n_fb
     if ntasks < nt:
@@ -549,25 +536,28 @@ def _ig_plan_for(x_shape, w_shape, int stride_y, int stride_x, int pad_y, int pa
                 ws_per_thread=g.ws_per_thread, tasks=g.n_cc * g.n_fb)
 
 
-def conv2d(x, w, b, y, int stride_y, int stride_x, int pad_y, int pad_x, bint relu):
+def conv2d(x, w, b, y, int stride_y, int stride_x, int pad_y, int pad_x, act):
     """y (N,F,Ro,Co) = cross-correlation of x (N,K,R,C) with w (F,K,nr,nc),
-    zero padding, + b (F,) if b is not None, then max(., 0) if relu."""
-    _conv(x, w, b, None, y, stride_y, stride_x, pad_y, pad_x, relu, "conv2d")
+    zero padding, + b (F,) if b is not None, then the activation act
+    (ops.Act; True: relu, False/None: identity)."""
+    _conv(x, w, b, None, y, stride_y, stride_x, pad_y, pad_x, act, "conv2d")
 
 
 def conv2d_residual(x, w, b, z, y, int stride_y, int stride_x, int pad_y, int pad_x,
-                    bint relu):
+                    act):
     """As conv2d, plus the residual z (N,F,Ro,Co, the shape of y) added in the
-    same epilogue, before the relu: y = max?(conv(x, w) + b + z, 0). z must
+    same epilogue, before the activation: y = act(conv(x, w) + b + z). z must
     not share memory with y (it may with x or w: it is only read)."""
-    _conv(x, w, b, z, y, stride_y, stride_x, pad_y, pad_x, relu, "conv2d_residual")
+    _conv(x, w, b, z, y, stride_y, stride_x, pad_y, pad_x, act, "conv2d_residual")
 
 
-cdef int _conv(x, w, b, z, y, int stride_y, int stride_x, int pad_y, int pad_x, bint relu,
+cdef int _conv(x, w, b, z, y, int stride_y, int stride_x, int pad_y, int pad_x, act,
                str op) except -1:
     """conv2d (z is None) and conv2d_residual: validation, then one of the
     paths, the residual threaded through their epilogues as a pointer
     (NULL for conv2d)."""
+    cdef float act_p
+    cdef int act_code = _act(act, &act_p, op)
     cdef cnp.ndarray ax = _f32_nd(x, op + " x", 4)
     cdef cnp.ndarray aw = _f32_nd(w, op + " w", 4)
     cdef cnp.ndarray ay = _f32_nd(y, op + " y", 4, True)
@@ -618,7 +608,7 @@ cdef int _conv(x, w, b, z, y, int stride_y, int stride_x, int pad_y, int pad_x, 
     a.N = <int>N; a.K = <int>K; a.R = <int>R; a.C = <int>C; a.F = <int>F
     a.nr = <int>nr; a.nc = <int>nc; a.sy = stride_y; a.sx = stride_x
     a.py = pad_y; a.px = pad_x; a.Ro = <int>Ro; a.Co = <int>Co
-    a.P = <int>(Ro * Co); a.KRS = <int>(K * nr * nc); a.relu = relu
+    a.P = <int>(Ro * Co); a.KRS = <int>(K * nr * nc); a.act = act_code; a.act_p = act_p
     a.direct = nr == 1 and nc == 1 and stride_y == 1 and stride_x == 1 and pad_y == 0 and pad_x == 0
 
     cdef int nt = _threads()
@@ -666,7 +656,7 @@ def _conv_plan(x_shape, w_shape, int stride_y, int stride_x, int pad_y, int pad_
 
 
 cdef void _fc_gemv(const float* x, const float* w, const float* b, float* y,
-                   int N, int D, int O, int o0, int no, bint relu) noexcept nogil:
+                   int N, int D, int O, int o0, int no, int act, float ap) noexcept nogil:
     """y[:, o0:o0+no] for N <= MDNN_NARROW samples: dot products along D
     (gemm_avx2.h's narrow-tile kernel, the samples as its columns), 6
     outputs at a time; w (O x D) streams through once."""
@@ -677,13 +667,13 @@ cdef void _fc_gemv(const float* x, const float* w, const float* b, float* y,
     while o < o0 + no:
         mr = o0 + no - o if o0 + no - o < MDNN_MR else MDNN_MR
         mdnn_kernel_narrow(mr, N, D, w + <isize>o * D, D, x, y + o, yoff, 1, MDNN_EPI,
-                           b + o if b != NULL else NULL, NULL, relu)
+                           b + o if b != NULL else NULL, NULL, act, ap)
         o += mr
 
 
 cdef void _fc_task(const float* x, const float* w, const float* b, float* y,
                    int N, int D, int O, int n0, int nn, int o0, int no,
-                   bint relu) noexcept nogil:
+                   int act, float ap) noexcept nogil:
     cdef float one = 1.0, zero = 0.0
     cdef int ldw = D, ldx = D, ldy = O
     cdef int r, c
@@ -696,25 +686,26 @@ cdef void _fc_task(const float* x, const float* w, const float* b, float* y,
         sgemm(b"T", b"N", &no, &nn, &D, &one, <float*>w + <isize>o0 * D, &ldw,
               <float*>x + <isize>n0 * D, &ldx, &zero, y + <isize>n0 * O + o0, &ldy)
     # rows of y are samples: bias runs along the row
-    if b == NULL and not relu:
+    if b == NULL and act == MDNN_ACT_IDENTITY:
         return
     for r in range(nn):
         yr = y + <isize>(n0 + r) * O + o0
-        if b != NULL and relu:
-            for c in range(no):
-                yr[c] = max(yr[c] + b[o0 + c], <float>0.0)
-        elif b != NULL:
+        if b != NULL:
             for c in range(no):
                 yr[c] = yr[c] + b[o0 + c]
-        else:
+        if act == MDNN_ACT_RELU:
             for c in range(no):
                 yr[c] = max(yr[c], <float>0.0)
+        elif act != MDNN_ACT_IDENTITY:
+            mdnn_act_array(act, ap, yr, yr, no)
 
 
-def fc(x, w, b, y, bint relu):
+def fc(x, w, b, y, act):
     """y (N,O) = x (N,D) @ w (O,D).T + b (O,) if b is not None, then max(., 0)
-    if relu. x may be any C-contiguous (N, ...) array of N*D elements, y any
+    the activation act. x may be any C-contiguous (N, ...) array of N*D elements, y any
     (N, ...) array of N*O elements."""
+    cdef float ap
+    cdef int act_code = _act(act, &ap, "fc")
     cdef cnp.ndarray ax = _f32(x, "fc x")
     cdef cnp.ndarray aw = _f32_nd(w, "fc w", 2)
     cdef cnp.ndarray ay = _f32(y, "fc y", True)
@@ -755,7 +746,7 @@ def fc(x, w, b, y, bint relu):
                 _fc_gemv(px, pw, pb, py, <int>N, <int>D, <int>O,
                          <int>(t0 * nb // nt) * 6,
                          min(<int>((t0 + 1) * nb // nt) * 6, <int>O) - <int>(t0 * nb // nt) * 6,
-                         relu)
+                         act_code, ap)
         return
     # split the samples when there are enough of them, else the outputs
     cdef int ns = 1, no_ = 1, t
@@ -779,7 +770,7 @@ def fc(x, w, b, y, bint relu):
             nn = min(bn, <int>N - n0)
             nno = min(bo, <int>O - o0)
             if nn > 0 and nno > 0:
-                _fc_task(px, pw, pb, py, <int>N, <int>D, <int>O, n0, nn, o0, nno, relu)
+                _fc_task(px, pw, pb, py, <int>N, <int>D, <int>O, n0, nn, o0, nno, act_code, ap)
 
 
 def set_num_threads(int n):

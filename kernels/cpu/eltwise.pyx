@@ -1,10 +1,13 @@
 # cython: language_level=3
-"""Elementwise and per-pixel CPU kernels: relu, add, affine, softmax.
+"""Elementwise and per-pixel CPU kernels: activation, add, affine, softmax.
 
 All are memory-bound: one pass, vectorised inner loops (-O3 -march=native),
 OpenMP over contiguous blocks only when the tensor is large enough to pay
-for a parallel region. relu/add/affine accept y is x (in place)."""
+for a parallel region. activation/add/affine accept y is x (in place) and
+apply their activation (kernels/common/activations.h) to each block while it
+is in cache."""
 include "check.pxi"
+include "act.pxi"
 
 from cython.parallel cimport prange
 from libc.math cimport expf
@@ -15,45 +18,46 @@ cdef isize GRAIN = 1 << 15
 cdef isize BLOCK = 1 << 14
 
 
-cdef inline void _relu_block(const float* x, float* y, isize n) noexcept nogil:
-    cdef isize i
-    for i in range(n):
-        y[i] = max(x[i], <float>0.0)
-
-
-def relu(x, y):
-    """y = max(x, 0), elementwise; same shapes; y may be x."""
-    cdef cnp.ndarray ax = _f32(x, "relu x")
-    cdef cnp.ndarray ay = _f32(y, "relu y", True)
+def activation(x, y, act):
+    """y = act(x), elementwise; same shapes; y may be x."""
+    cdef float p
+    cdef int code = _act(act, &p, "activation")
+    cdef cnp.ndarray ax = _f32(x, "activation x")
+    cdef cnp.ndarray ay = _f32(y, "activation y", True)
     if not _same_shape(ax, ay):
-        raise ValueError(f"relu: y has shape {_shape(ay)}, x has {_shape(ax)}")
-    _same_or_disjoint(ay, ax, "relu")
+        raise ValueError(f"activation: y has shape {_shape(ay)}, x has {_shape(ax)}")
+    _same_or_disjoint(ay, ax, "activation")
     cdef isize n = cnp.PyArray_SIZE(ax), nb = (n + BLOCK - 1) // BLOCK, i, o
     cdef const float* px = _ptr(ax)
     cdef float* py = _ptr(ay)
-    cdef int nt = _threads_for(n, GRAIN)
-    if nt == 1:
-        _relu_block(px, py, n)
-        return
+    # transcendental activations cost ~10x a relu per element: parallel sooner
+    cdef int nt = _threads_for(n, GRAIN if code <= MDNN_ACT_RELU else GRAIN // 8)
     with nogil:
-        for i in prange(nb, num_threads=nt, schedule="static"):
-            o = i * BLOCK
-            _relu_block(px + o, py + o, min(BLOCK, n - o))
+        if nt == 1:
+            mdnn_act_array(code, p, px, py, n)
+        else:
+            for i in prange(nb, num_threads=nt, schedule="static"):
+                o = i * BLOCK
+                mdnn_act_array(code, p, px + o, py + o, min(BLOCK, n - o))
 
 
 cdef inline void _add_block(const float* a, const float* b, float* y, isize n,
-                            bint relu) noexcept nogil:
+                            int code, float p) noexcept nogil:
     cdef isize i
-    if relu:
+    if code == MDNN_ACT_RELU:
         for i in range(n):
             y[i] = max(a[i] + b[i], <float>0.0)
-    else:
-        for i in range(n):
-            y[i] = a[i] + b[i]
+        return
+    for i in range(n):
+        y[i] = a[i] + b[i]
+    if code != MDNN_ACT_IDENTITY:
+        mdnn_act_array(code, p, y, y, n)
 
 
-def add(a, b, y, bint relu):
-    """y = a + b (then max(., 0) if relu); same shapes; y may be a or b."""
+def add(a, b, y, act):
+    """y = act(a + b); same shapes; y may be a or b."""
+    cdef float p
+    cdef int code = _act(act, &p, "add")
     cdef cnp.ndarray aa = _f32(a, "add a")
     cdef cnp.ndarray ab = _f32(b, "add b")
     cdef cnp.ndarray ay = _f32(y, "add y", True)
@@ -67,39 +71,45 @@ def add(a, b, y, bint relu):
     cdef float* py = _ptr(ay)
     cdef int nt = _threads_for(n, GRAIN)
     if nt == 1:
-        _add_block(pa, pb, py, n, relu)
+        _add_block(pa, pb, py, n, code, p)
         return
     with nogil:
         for i in prange(nb, num_threads=nt, schedule="static"):
             o = i * BLOCK
-            _add_block(pa + o, pb + o, py + o, min(BLOCK, n - o), relu)
+            _add_block(pa + o, pb + o, py + o, min(BLOCK, n - o), code, p)
 
 
 cdef inline void _affine_plane(const float* x, float* y, isize n, float g, float b,
-                               bint relu) noexcept nogil:
+                               int code, float p) noexcept nogil:
     cdef isize i
-    if relu:
+    if code == MDNN_ACT_RELU:
         for i in range(n):
             y[i] = max(x[i] * g + b, <float>0.0)
-    else:
-        for i in range(n):
-            y[i] = x[i] * g + b
+        return
+    for i in range(n):
+        y[i] = x[i] * g + b
+    if code != MDNN_ACT_IDENTITY:
+        mdnn_act_array(code, p, y, y, n)
 
 
 cdef inline void _affine_row(const float* x, float* y, isize K, const float* g,
-                             const float* b, bint relu) noexcept nogil:
+                             const float* b, int code, float p) noexcept nogil:
     cdef isize i
-    if relu:
+    if code == MDNN_ACT_RELU:
         for i in range(K):
             y[i] = max(x[i] * g[i] + b[i], <float>0.0)
-    else:
-        for i in range(K):
-            y[i] = x[i] * g[i] + b[i]
+        return
+    for i in range(K):
+        y[i] = x[i] * g[i] + b[i]
+    if code != MDNN_ACT_IDENTITY:
+        mdnn_act_array(code, p, y, y, K)
 
 
-def affine(x, gamma, beta, y, bint relu):
-    """y = x * gamma[k] + beta[k] (then max(., 0)) for x, y (N,K,R,C) and
-    gamma, beta of K elements; y may be x."""
+def affine(x, gamma, beta, y, act):
+    """y = act(x * gamma[k] + beta[k]) for x, y (N,K,R,C) and gamma, beta of K
+    elements; y may be x."""
+    cdef float p
+    cdef int code = _act(act, &p, "affine")
     cdef cnp.ndarray ax = _f32_nd(x, "affine x", 4)
     cdef cnp.ndarray ay = _f32_nd(y, "affine y", 4, True)
     cdef cnp.ndarray ag = _f32(gamma, "affine gamma")
@@ -124,21 +134,21 @@ def affine(x, gamma, beta, y, bint relu):
         with nogil:
             if nt == 1 or N < 2:
                 for n in range(N):
-                    _affine_row(px + n * K, py + n * K, K, pg, pb, relu)
+                    _affine_row(px + n * K, py + n * K, K, pg, pb, code, p)
             else:
                 for n in prange(N, num_threads=nt, schedule="static"):
-                    _affine_row(px + n * K, py + n * K, K, pg, pb, relu)
+                    _affine_row(px + n * K, py + n * K, K, pg, pb, code, p)
         return
     with nogil:
         if nt == 1:
             for i in range(N * K):
                 k = i % K
-                _affine_plane(px + i * P, py + i * P, P, pg[k], pb[k], relu)
+                _affine_plane(px + i * P, py + i * P, P, pg[k], pb[k], code, p)
         else:
             for i in prange(N * K, num_threads=nt, schedule="static"):
                 k = i % K
                 o = i * P
-                _affine_plane(px + o, py + o, P, pg[k], pb[k], relu)
+                _affine_plane(px + o, py + o, P, pg[k], pb[k], code, p)
 
 
 cdef void _softmax_cols(const float* x, float* y, int K, isize P, isize p0,

@@ -41,6 +41,7 @@
 
 #include <string.h>
 #include <stddef.h>
+#include "activations.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -58,10 +59,11 @@ typedef struct {
     const float* x;     /* (N, K, R, C) */
     const float* w;     /* (F, K, nr, nc) = (F, KRS) row-major */
     const float* b;     /* (F,) or NULL */
-    const float* z;     /* (N, F, Ro, Co) residual added before the relu, or NULL */
+    const float* z;     /* (N, F, Ro, Co) residual added before the activation, or NULL */
     float* y;           /* (N, F, Ro, Co) */
     int N, K, R, C, F, nr, nc, sy, sx, py, px, Ro, Co, P, KRS;
-    int relu;
+    int act;            /* the epilogue's activation (activations.h) and its parameter */
+    float act_p;
 } mdnn_conv_t;
 
 static int mdnn_kc = 320;   /* tuning knobs (<= the compile-time maxima) */
@@ -240,7 +242,7 @@ static __attribute__((noinline)) void mdnn_pack_b(const mdnn_conv_t* c, long q0,
 
 /* mode: 0 = overwrite, 1 = accumulate, and bit 2 = apply the epilogue:
  * + bias[r], + zt[r*ldo + u] (the residual, laid out like out; NULL: none),
- * then max(0, .) if relu.
+ * then the activation act (parameter ap; activations.h).
  * out: row stride ldo; if out is a scratch tile (scatter path) ldo = NR. */
 #define MDNN_ACC 1
 #define MDNN_EPI 2
@@ -249,7 +251,7 @@ static __attribute__((noinline)) void mdnn_pack_b(const mdnn_conv_t* c, long q0,
 static inline __attribute__((always_inline)) void
 mdnn_kernel_avx2(int mr, int kc, const float* a, long lda, const float* bp,
                  const int* boff, long b1off, float* out, long ldo, int mode,
-                 const float* bias, const float* zt, int relu)
+                 const float* bias, const float* zt, int act, float ap)
 {
     __m256 c0[MDNN_MR], c1[MDNN_MR];
     int r, k;
@@ -287,7 +289,7 @@ mdnn_kernel_avx2(int mr, int kc, const float* a, long lda, const float* bp,
                     v0 = _mm256_add_ps(v0, _mm256_loadu_ps(zt + r * ldo));
                     v1 = _mm256_add_ps(v1, _mm256_loadu_ps(zt + r * ldo + 8));
                 }
-                if (relu) {
+                if (act == MDNN_ACT_RELU) {
                     /* max(0, v): a NaN in v passes through, as in numpy */
                     v0 = _mm256_max_ps(_mm256_setzero_ps(), v0);
                     v1 = _mm256_max_ps(_mm256_setzero_ps(), v1);
@@ -295,6 +297,8 @@ mdnn_kernel_avx2(int mr, int kc, const float* a, long lda, const float* bp,
             }
             _mm256_storeu_ps(o, v0);
             _mm256_storeu_ps(o + 8, v1);
+            if ((mode & MDNN_EPI) && act > MDNN_ACT_RELU)
+                mdnn_act_array(act, ap, o, o, MDNN_NR);   /* vectorised: the row is in L1 */
         }
     }
 }
@@ -303,7 +307,7 @@ mdnn_kernel_avx2(int mr, int kc, const float* a, long lda, const float* bp,
 /* Portable micro-kernel: same contract. */
 static inline void
 mdnn_kernel_c(int mr, int kc, const float* a, long lda, const float* bp,
-              float* out, long ldo, int mode, const float* bias, const float* zt, int relu)
+              float* out, long ldo, int mode, const float* bias, const float* zt, int act, float ap)
 {
     float acc[MDNN_MR][MDNN_NR];
     int r, k, u;
@@ -324,7 +328,7 @@ mdnn_kernel_c(int mr, int kc, const float* a, long lda, const float* bp,
             if (mode & MDNN_EPI) {
                 if (bias) v += bias[r];
                 if (zt) v += zt[r * ldo + u];
-                if (relu && v < 0.0f) v = 0.0f;
+                v = mdnn_act(act, v, ap);
             }
             o[u] = v;
         }
@@ -333,34 +337,34 @@ mdnn_kernel_c(int mr, int kc, const float* a, long lda, const float* bp,
 
 static void mdnn_kernel(int mr, int kc, const float* a, long lda, const float* bp,
                         float* out, long ldo, int mode, const float* bias, const float* zt,
-                        int relu)
+                        int act, float ap)
 {
 #if MDNN_HAVE_AVX2
     switch (mr) {   /* constant mr: the row loops unroll, unused rows vanish */
-    case 6: mdnn_kernel_avx2(6, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, zt, relu); return;
-    case 5: mdnn_kernel_avx2(5, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, zt, relu); return;
-    case 4: mdnn_kernel_avx2(4, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, zt, relu); return;
-    case 3: mdnn_kernel_avx2(3, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, zt, relu); return;
-    case 2: mdnn_kernel_avx2(2, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, zt, relu); return;
-    default: mdnn_kernel_avx2(1, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, zt, relu); return;
+    case 6: mdnn_kernel_avx2(6, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, zt, act, ap); return;
+    case 5: mdnn_kernel_avx2(5, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, zt, act, ap); return;
+    case 4: mdnn_kernel_avx2(4, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, zt, act, ap); return;
+    case 3: mdnn_kernel_avx2(3, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, zt, act, ap); return;
+    case 2: mdnn_kernel_avx2(2, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, zt, act, ap); return;
+    default: mdnn_kernel_avx2(1, kc, a, lda, bp, NULL, 8, out, ldo, mode, bias, zt, act, ap); return;
     }
 #else
-    mdnn_kernel_c(mr, kc, a, lda, bp, out, ldo, mode, bias, zt, relu);
+    mdnn_kernel_c(mr, kc, a, lda, bp, out, ldo, mode, bias, zt, act, ap);
 #endif
 }
 
 #if MDNN_HAVE_AVX2
 static void mdnn_kernel_d(int mr, int kc, const float* a, long lda, const float* bp,
                           const int* boff, long b1off, float* out, long ldo, int mode,
-                          const float* bias, const float* zt, int relu)
+                          const float* bias, const float* zt, int act, float ap)
 {
     switch (mr) {
-    case 6: mdnn_kernel_avx2(6, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, zt, relu); return;
-    case 5: mdnn_kernel_avx2(5, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, zt, relu); return;
-    case 4: mdnn_kernel_avx2(4, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, zt, relu); return;
-    case 3: mdnn_kernel_avx2(3, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, zt, relu); return;
-    case 2: mdnn_kernel_avx2(2, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, zt, relu); return;
-    default: mdnn_kernel_avx2(1, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, zt, relu); return;
+    case 6: mdnn_kernel_avx2(6, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, zt, act, ap); return;
+    case 5: mdnn_kernel_avx2(5, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, zt, act, ap); return;
+    case 4: mdnn_kernel_avx2(4, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, zt, act, ap); return;
+    case 3: mdnn_kernel_avx2(3, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, zt, act, ap); return;
+    case 2: mdnn_kernel_avx2(2, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, zt, act, ap); return;
+    default: mdnn_kernel_avx2(1, kc, a, lda, bp, boff, b1off, out, ldo, mode, bias, zt, act, ap); return;
     }
 }
 #endif
@@ -388,7 +392,7 @@ static inline float mdnn_hsum(__m256 v)
 static inline __attribute__((always_inline)) void
 mdnn_narrow_avx2(const int mr, const int uw, int kc, const float* a, long lda,
                  const float* bt, float* out, const long* yoff, long ldo, int mode,
-                 const float* bias, const float* zb, int relu)
+                 const float* bias, const float* zb, int act, float ap)
 {
     __m256 acc[MDNN_MR][2];
     int r, u, k;
@@ -430,7 +434,7 @@ mdnn_narrow_avx2(const int mr, const int uw, int kc, const float* a, long lda,
                 if (mode & MDNN_EPI) {
                     if (bias) v += bias[r];
                     if (zb) v += zb[yoff[u] + r * ldo];
-                    if (relu) v = v > 0.0f ? v : (v == v ? 0.0f : v);
+                    v = mdnn_act(act, v, ap);
                 }
                 *o = v;
             }
@@ -440,18 +444,18 @@ mdnn_narrow_avx2(const int mr, const int uw, int kc, const float* a, long lda,
 
 #define MDNN_NARROW_CASES(UW)                                                              \
     switch (mr) {                                                                          \
-    case 6: mdnn_narrow_avx2(6, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, zb, relu); break; \
-    case 5: mdnn_narrow_avx2(5, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, zb, relu); break; \
-    case 4: mdnn_narrow_avx2(4, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, zb, relu); break; \
-    case 3: mdnn_narrow_avx2(3, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, zb, relu); break; \
-    case 2: mdnn_narrow_avx2(2, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, zb, relu); break; \
-    default: mdnn_narrow_avx2(1, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, zb, relu); break; \
+    case 6: mdnn_narrow_avx2(6, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, zb, act, ap); break; \
+    case 5: mdnn_narrow_avx2(5, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, zb, act, ap); break; \
+    case 4: mdnn_narrow_avx2(4, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, zb, act, ap); break; \
+    case 3: mdnn_narrow_avx2(3, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, zb, act, ap); break; \
+    case 2: mdnn_narrow_avx2(2, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, zb, act, ap); break; \
+    default: mdnn_narrow_avx2(1, UW, kc, a, lda, bt, out, yoff, ldo, mode, bias, zb, act, ap); break; \
     }
 
 /* w <= MDNN_NARROW columns, in pairs */
 static void mdnn_kernel_narrow(int mr, int w, int kc, const float* a, long lda,
                                const float* bt, float* out, const long* yoff, long ldo,
-                               int mode, const float* bias, const float* zb, int relu)
+                               int mode, const float* bias, const float* zb, int act, float ap)
 {
     for (; w >= 2; w -= 2, bt += 2 * (long)kc, yoff += 2) {
         MDNN_NARROW_CASES(2)
@@ -465,7 +469,7 @@ static void mdnn_kernel_narrow(int mr, int w, int kc, const float* a, long lda,
  * it must exist for the extension to link). */
 static void mdnn_kernel_narrow(int mr, int w, int kc, const float* a, long lda,
                                const float* bt, float* out, const long* yoff, long ldo,
-                               int mode, const float* bias, const float* zb, int relu)
+                               int mode, const float* bias, const float* zb, int act, float ap)
 {
     int r, u, k;
     for (r = 0; r < mr; r++) {
@@ -477,7 +481,7 @@ static void mdnn_kernel_narrow(int mr, int w, int kc, const float* a, long lda,
             if (mode & MDNN_EPI) {
                 if (bias) v += bias[r];
                 if (zb) v += zb[yoff[u] + r * ldo];
-                if (relu && v < 0.0f) v = 0.0f;
+                v = mdnn_act(act, v, ap);
             }
             *o = v;
         }
@@ -549,7 +553,7 @@ static void mdnn_conv_task(const mdnn_conv_t* c, long q0, int ncols, int f0, int
                         mdnn_kernel_narrow(mr, width, kc, c->w + (long)f * KRS + k0, KRS, bt,
                                            c->y + (long)f * P, yoff, P, mode,
                                            c->b ? c->b + f : NULL,
-                                           c->z ? c->z + (long)f * P : NULL, c->relu);
+                                           c->z ? c->z + (long)f * P : NULL, c->act, c->act_p);
                     }
                     continue;
                 }
@@ -561,13 +565,13 @@ static void mdnn_conv_task(const mdnn_conv_t* c, long q0, int ncols, int f0, int
                     if (direct) {
                         long o = n * ys + (long)f * P + p;
                         mdnn_kernel(mr, kc, a, KRS, bp, c->y + o, P, mode, bias,
-                                    c->z ? c->z + o : NULL, c->relu);
+                                    c->z ? c->z + o : NULL, c->act, c->act_p);
                     } else {
                         /* the tile straddles samples or is the ragged end:
                          * through a scratch tile, then run by run (one
                          * sample each) into y */
                         int r, u, u0 = 0, nn = n, pp = p, run;
-                        mdnn_kernel(mr, kc, a, KRS, bp, tile, MDNN_NR, 0, NULL, NULL, 0);
+                        mdnn_kernel(mr, kc, a, KRS, bp, tile, MDNN_NR, 0, NULL, NULL, 0, 0.0f);
                         for (; u0 < width; u0 += run, nn++, pp = 0) {
                             long oo = nn * ys + (long)f * P + pp;
                             float* o = c->y + oo;
@@ -583,7 +587,7 @@ static void mdnn_conv_task(const mdnn_conv_t* c, long q0, int ncols, int f0, int
                                     if (mode & MDNN_EPI) {
                                         v += bv;
                                         if (zrow) v += zrow[u];
-                                        if (c->relu && v < 0.0f) v = 0.0f;
+                                        v = mdnn_act(c->act, v, c->act_p);
                                     }
                                     orow[u] = v;
                                 }
@@ -719,7 +723,7 @@ static void mdnn_conv_task_direct(const mdnn_conv_t* c, long q0, int ncols, int 
                         long o = n * ys + (long)f * P + p;
                         mdnn_kernel_d(mr, kc, c->w + (long)f * KRS + k0, KRS, bb, boff, b1off,
                                       c->y + o, P, mode, c->b ? c->b + f : NULL,
-                                      c->z ? c->z + o : NULL, c->relu);
+                                      c->z ? c->z + o : NULL, c->act, c->act_p);
                     }
                 }
             }

@@ -18,6 +18,7 @@ Workspace: one grow-only buffer per module (im2col columns and per-thread
 partial sums), see workspace.pxi.
 """
 include "check.pxi"
+include "act.pxi"
 
 from cython.parallel cimport prange
 from libc.stdlib cimport free
@@ -367,23 +368,45 @@ def fc_grad_params(x, dy, dw, db):
 
 # -------------------------------------------------------------- elementwise
 
-def relu_grad(y, dy, dx):
-    """dx = dy where y > 0, else 0 (y is relu's output); same shapes; dx may be dy."""
-    cdef cnp.ndarray ay = _f32(y, "relu_grad y")
-    cdef cnp.ndarray ady = _f32(dy, "relu_grad dy")
-    cdef cnp.ndarray adx = _f32(dx, "relu_grad dx", True)
-    if not _same_shape(ay, ady) or not _same_shape(ay, adx):
-        raise ValueError(f"relu_grad: shapes differ: y {_shape(ay)}, dy {_shape(ady)}, dx {_shape(adx)}")
-    _same_or_disjoint(adx, ady, "relu_grad")
-    _no_alias(adx, ay, "relu_grad")
-    cdef isize n = cnp.PyArray_SIZE(ay), i
-    cdef const float* py = _ptr(ay)
+def activation_grad(x, y, dy, dx, act):
+    """dx = dy * act'(x), given x and y = act(x) (kernels/common/activations.h says which
+    the derivative reads: relu, sigmoid, tanh read y; the others x; pass None for one it
+    does not read); same shapes; dx may be dy."""
+    cdef float p
+    cdef int code = _act(act, &p, "activation_grad")
+    cdef cnp.ndarray ady = _f32(dy, "activation_grad dy")
+    cdef cnp.ndarray adx = _f32(dx, "activation_grad dx", True)
+    cdef cnp.ndarray ax = None
+    cdef cnp.ndarray ay = None
+    if not _same_shape(ady, adx):
+        raise ValueError(f"activation_grad: shapes differ: dy {_shape(ady)}, dx {_shape(adx)}")
+    _same_or_disjoint(adx, ady, "activation_grad")
+    if x is not None:
+        ax = _f32(x, "activation_grad x")
+        if not _same_shape(ax, ady):
+            raise ValueError(f"activation_grad: x has shape {_shape(ax)}, dy {_shape(ady)}")
+        _no_alias(adx, ax, "activation_grad")
+    if y is not None:
+        ay = _f32(y, "activation_grad y")
+        if not _same_shape(ay, ady):
+            raise ValueError(f"activation_grad: y has shape {_shape(ay)}, dy {_shape(ady)}")
+        _no_alias(adx, ay, "activation_grad")
+    if mdnn_act_reads_y(code) and ay is None:
+        raise ValueError(f"activation_grad: {act!r} needs y (the activation's output)")
+    if mdnn_act_reads_x(code) and ax is None:
+        raise ValueError(f"activation_grad: {act!r} needs x (the activation's input)")
+    cdef isize n = cnp.PyArray_SIZE(ady), i, nb = (n + 16383) // 16384, o
+    cdef const float* px = _ptr(ax) if ax is not None else NULL
+    cdef const float* py = _ptr(ay) if ay is not None else NULL
     cdef const float* pdy = _ptr(ady)
     cdef float* pdx = _ptr(adx)
     cdef int nt = _threads_for(n, GRAIN)
     with nogil:
-        for i in prange(n, num_threads=nt, schedule="static"):
-            pdx[i] = pdy[i] if py[i] > 0 else <float>0.0
+        for i in prange(nb, num_threads=nt, schedule="static"):
+            o = i * 16384
+            mdnn_act_grad_array(code, p, px + o if px != NULL else NULL,
+                                py + o if py != NULL else NULL, pdy + o, pdx + o,
+                                min(16384, n - o))
 
 
 # ----------------------------------------------- per-channel (bn, affine)

@@ -1,0 +1,260 @@
+/* Pointwise activations: each formula and its derivative, written once.
+ *
+ * Shared by the CPU kernels (Cython: kernels/cpu/*.pyx include it through
+ * act.pxi) and the CUDA kernels (kernels/cuda/*.cu include it; PyCUDA
+ * compiles them with kernels/common on the include path). The standalone
+ * activation kernels, the bias/residual epilogue of conv2d / fc / affine /
+ * add on both backends, and the backward kernels all call mdnn_act and
+ * mdnn_act_grad, so the CPU and the GPU compute the same function.
+ *
+ * An activation is data: a code (MDNN_ACT_*) and one float parameter p
+ * (alpha, ceiling or beta; ignored by the others). The codes are part of
+ * the Python side's contract: minidnn/layers/activations.py gives each
+ * activation layer the code below with the same name, and
+ * tests/test_activations.py checks that the two lists agree.
+ *
+ * Everything is branch-free arithmetic (selects, no libm calls), so a loop
+ * over mdnn_act with a constant code vectorises (GCC -O3, AVX2); exp and erf
+ * are our own polynomials (Cephes-style, ~1-2 ulp; erf ~1.5e-7 absolute).
+ * NaN passes through every activation (as numpy's maximum does for relu).
+ *
+ *   code                 y = f(x)                                    df/dx (from x and y = f(x))
+ *   IDENTITY    0        x                                           1
+ *   RELU        1        max(x, 0)                                   y > 0
+ *   LEAKY_RELU  2        x > 0 ? x : p x          (p = alpha)        x > 0 ? 1 : p
+ *   PRELU       3        as LEAKY_RELU with p = the learned scalar   as LEAKY_RELU
+ *   SIGMOID     4        1 / (1 + e^-x)                              y (1 - y)
+ *   TANH        5        tanh x                                      1 - y^2
+ *   ELU         6        x > 0 ? x : p (e^x - 1)  (p = alpha)        x > 0 ? 1 : y + p
+ *   GELU        7        x Phi(x) = x/2 (1 + erf(x/sqrt 2))         Phi(x) + x phi(x)
+ *   MISH        8        x tanh(ln(1 + e^x))                         dlib's e omega / delta^2
+ *   SILU        9        x / (1 + e^-x)                              s + x s (1 - s), s = sigmoid x
+ *   CLIPPED_RELU 10      min(max(x, 0), p)        (p = ceiling)      0 < x < p
+ *   SMELU       11       x >= p ? x : x <= -p ? 0 : (x + p)^2/(4p)   x >= p ? 1 : x <= -p ? 0 : (x + p)/(2p)
+ *                        (p = beta; dlib's code, not its doc)
+ */
+#ifndef MINIDNN_ACTIVATIONS_H
+#define MINIDNN_ACTIVATIONS_H
+
+#ifdef __CUDACC__
+#define MDNN_ACT_FN static __device__ __forceinline__
+#else
+#define MDNN_ACT_FN static inline
+#endif
+
+#define MDNN_ACT_IDENTITY 0
+#define MDNN_ACT_RELU 1
+#define MDNN_ACT_LEAKY_RELU 2
+#define MDNN_ACT_PRELU 3
+#define MDNN_ACT_SIGMOID 4
+#define MDNN_ACT_TANH 5
+#define MDNN_ACT_ELU 6
+#define MDNN_ACT_GELU 7
+#define MDNN_ACT_MISH 8
+#define MDNN_ACT_SILU 9
+#define MDNN_ACT_CLIPPED_RELU 10
+#define MDNN_ACT_SMELU 11
+#define MDNN_ACT_COUNT 12
+
+/* ------------------------------------------------------------ building blocks */
+
+/* the float whose bits are i, and back (memcpy-free: vectorises) */
+MDNN_ACT_FN float mdnn_bits_f(int i) { union { int i; float f; } u; u.i = i; return u.f; }
+
+/* e^x, x clamped to [-87.3, 88.3] (e^-87.3 ~ 1.2e-38: the smallest normal
+ * neighbourhood; e^88.3 ~ 2.2e38), NaN -> NaN. Cephes expf: x = n ln2 + r,
+ * |r| <= ln2/2, a degree-6 polynomial for e^r, 2^n from the exponent bits. */
+MDNN_ACT_FN float mdnn_expf(float x)
+{
+    float c = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+    float n = c * 1.44269504088896341f + 0.5f;
+    int ni = (int)n;
+    float r, r2, p;
+    ni -= (n < (float)ni);                                 /* floor */
+    n = (float)ni;
+    r = c - n * 0.693359375f + n * 2.12194440e-4f;
+    r2 = r * r;
+    p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r2 + r + 1.0f;
+    p = p * mdnn_bits_f((ni + 127) << 23);
+    return x != x ? x : p;
+}
+
+/* e^x - 1, accurate near 0 (a Taylor polynomial for |x| < 0.35, where
+ * e^x - 1 would cancel), >= -1 everywhere */
+MDNN_ACT_FN float mdnn_expm1f(float x)
+{
+    float t = x * (1.0f + x * (0.5f + x * (1.0f / 6 + x * (1.0f / 24 + x * (1.0f / 120
+              + x * (1.0f / 720 + x * (1.0f / 5040)))))));
+    float e = mdnn_expf(x) - 1.0f;
+    return (x > -0.35f && x < 0.35f) ? t : e;
+}
+
+/* erf(x), Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), odd; for |x| < 0.5
+ * its Taylor series (9 terms), which keeps the relative error small near 0 */
+MDNN_ACT_FN float mdnn_erff(float x)
+{
+    float a = x < 0.0f ? -x : x;
+    float t = 1.0f / (1.0f + 0.3275911f * a);
+    float q = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f
+              + t * (-1.453152027f + t * 1.061405429f))));
+    float big = 1.0f - q * mdnn_expf(-a * a);
+    float x2 = x * x;
+    /* 2/sqrt(pi) (x - x^3/3 + x^5/10 - x^7/42 + x^9/216 - x^11/1320 + x^13/9360 - x^15/75600) */
+    float small = 1.1283791670955126f * x * (1.0f + x2 * (-1.0f / 3 + x2 * (1.0f / 10
+                  + x2 * (-1.0f / 42 + x2 * (1.0f / 216 + x2 * (-1.0f / 1320
+                  + x2 * (1.0f / 9360 + x2 * (-1.0f / 75600))))))));
+    big = x < 0.0f ? -big : big;
+    return a < 0.5f ? small : big;
+}
+
+/* ------------------------------------------------------------ the activations */
+
+MDNN_ACT_FN float mdnn_act_relu(float x) { return x < 0.0f ? 0.0f : x; }
+MDNN_ACT_FN float mdnn_act_leaky(float x, float p) { return x > 0.0f ? x : p * x; }
+MDNN_ACT_FN float mdnn_act_sigmoid(float x) { return 1.0f / (1.0f + mdnn_expf(-x)); }
+
+MDNN_ACT_FN float mdnn_act_tanh(float x)
+{
+    /* expm1(2x) / (expm1(2x) + 2), 2x clamped so that it never overflows */
+    float c = x > 44.0f ? 44.0f : x;
+    float e = mdnn_expm1f(2.0f * c);
+    return e / (e + 2.0f);
+}
+
+MDNN_ACT_FN float mdnn_act_elu(float x, float p) { return x > 0.0f ? x : p * mdnn_expm1f(x); }
+
+MDNN_ACT_FN float mdnn_act_gelu(float x)
+{
+    return 0.5f * x * (1.0f + mdnn_erff(x * 0.70710678118654752f));
+}
+
+MDNN_ACT_FN float mdnn_act_mish(float x)
+{
+    /* tanh(ln(1 + e)) = n / (n + 2) with n = e (e + 2): no cancellation for
+     * x << 0; for x > 20 it is 1 in float */
+    float e = mdnn_expf(x > 20.0f ? 20.0f : x);
+    float n = e * (e + 2.0f);
+    return x * (n / (n + 2.0f));
+}
+
+MDNN_ACT_FN float mdnn_act_silu(float x) { return x * mdnn_act_sigmoid(x); }
+
+MDNN_ACT_FN float mdnn_act_clipped(float x, float p)
+{
+    float y = x < 0.0f ? 0.0f : x;
+    return y > p ? p : y;
+}
+
+MDNN_ACT_FN float mdnn_act_smelu(float x, float p)
+{
+    float q = (x + p) * (x + p) / (4.0f * p);
+    return x >= p ? x : (x <= -p ? 0.0f : q);
+}
+
+/* which of x and y = f(x) the derivative of `act` reads */
+MDNN_ACT_FN int mdnn_act_reads_y(int act)
+{
+    return act == MDNN_ACT_RELU || act == MDNN_ACT_SIGMOID || act == MDNN_ACT_TANH
+           || act == MDNN_ACT_ELU;
+}
+MDNN_ACT_FN int mdnn_act_reads_x(int act)
+{
+    return act != MDNN_ACT_IDENTITY && act != MDNN_ACT_RELU && act != MDNN_ACT_SIGMOID
+           && act != MDNN_ACT_TANH;
+}
+
+/* y = f(x) for activation code `act` with parameter p */
+MDNN_ACT_FN float mdnn_act(int act, float x, float p)
+{
+    switch (act) {
+    case MDNN_ACT_RELU: return mdnn_act_relu(x);
+    case MDNN_ACT_LEAKY_RELU:
+    case MDNN_ACT_PRELU: return mdnn_act_leaky(x, p);
+    case MDNN_ACT_SIGMOID: return mdnn_act_sigmoid(x);
+    case MDNN_ACT_TANH: return mdnn_act_tanh(x);
+    case MDNN_ACT_ELU: return mdnn_act_elu(x, p);
+    case MDNN_ACT_GELU: return mdnn_act_gelu(x);
+    case MDNN_ACT_MISH: return mdnn_act_mish(x);
+    case MDNN_ACT_SILU: return mdnn_act_silu(x);
+    case MDNN_ACT_CLIPPED_RELU: return mdnn_act_clipped(x, p);
+    case MDNN_ACT_SMELU: return mdnn_act_smelu(x, p);
+    default: return x;
+    }
+}
+
+/* df/dx at x, given also y = f(x) (the derivatives of relu, sigmoid, tanh and
+ * elu are cheapest from y, as in dlib) */
+MDNN_ACT_FN float mdnn_act_grad(int act, float x, float y, float p)
+{
+    switch (act) {
+    case MDNN_ACT_RELU: return y > 0.0f ? 1.0f : 0.0f;
+    case MDNN_ACT_LEAKY_RELU:
+    case MDNN_ACT_PRELU: return x > 0.0f ? 1.0f : p;
+    case MDNN_ACT_SIGMOID: return y * (1.0f - y);
+    case MDNN_ACT_TANH: return 1.0f - y * y;
+    case MDNN_ACT_ELU: return x > 0.0f ? 1.0f : y + p;
+    case MDNN_ACT_GELU:
+        return 0.5f * (1.0f + mdnn_erff(x * 0.70710678118654752f))
+               + x * 0.39894228040143268f * mdnn_expf(-0.5f * x * x);
+    case MDNN_ACT_MISH: {
+        /* dlib: e omega / delta^2, delta = 2e + e^2 + 2,
+         * omega = 4(x + 1) + 4e^2 + e^3 + e(4x + 6); 1 in float for x > 20 */
+        float c = x > 20.0f ? 20.0f : x;
+        float e = mdnn_expf(c);
+        float delta = 2.0f * e + e * e + 2.0f;
+        float omega = 4.0f * (c + 1.0f) + 4.0f * e * e + e * e * e + e * (4.0f * c + 6.0f);
+        return x > 20.0f ? 1.0f : e * omega / (delta * delta);
+    }
+    case MDNN_ACT_SILU: {
+        float s = mdnn_act_sigmoid(x);
+        return s + x * s * (1.0f - s);
+    }
+    case MDNN_ACT_CLIPPED_RELU: return (x > 0.0f && x < p) ? 1.0f : 0.0f;
+    case MDNN_ACT_SMELU: return x >= p ? 1.0f : (x <= -p ? 0.0f : (x + p) / (2.0f * p));
+    default: return 1.0f;
+    }
+}
+
+#ifndef __CUDACC__
+/* y[i] = f(x[i]) for i < n (y may be x): the switch outside the loop, so each
+ * case is a loop the compiler vectorises */
+#define MDNN_ACT_LOOP(EXPR) for (i = 0; i < n; i++) { float v = x[i]; y[i] = (EXPR); } break;
+static inline void mdnn_act_array(int act, float p, const float* x, float* y, long n)
+{
+    long i;
+    switch (act) {
+    case MDNN_ACT_RELU: MDNN_ACT_LOOP(mdnn_act_relu(v))
+    case MDNN_ACT_LEAKY_RELU:
+    case MDNN_ACT_PRELU: MDNN_ACT_LOOP(mdnn_act_leaky(v, p))
+    case MDNN_ACT_SIGMOID: MDNN_ACT_LOOP(mdnn_act_sigmoid(v))
+    case MDNN_ACT_TANH: MDNN_ACT_LOOP(mdnn_act_tanh(v))
+    case MDNN_ACT_ELU: MDNN_ACT_LOOP(mdnn_act_elu(v, p))
+    case MDNN_ACT_GELU: MDNN_ACT_LOOP(mdnn_act_gelu(v))
+    case MDNN_ACT_MISH: MDNN_ACT_LOOP(mdnn_act_mish(v))
+    case MDNN_ACT_SILU: MDNN_ACT_LOOP(mdnn_act_silu(v))
+    case MDNN_ACT_CLIPPED_RELU: MDNN_ACT_LOOP(mdnn_act_clipped(v, p))
+    case MDNN_ACT_SMELU: MDNN_ACT_LOOP(mdnn_act_smelu(v, p))
+    default:
+        if (y != x) for (i = 0; i < n; i++) y[i] = x[i];
+    }
+}
+#undef MDNN_ACT_LOOP
+
+/* dx[i] = dy[i] * f'(x[i]) (x or y may be NULL when the activation's
+ * derivative does not read it; dx may be dy) */
+static inline void mdnn_act_grad_array(int act, float p, const float* x, const float* y,
+                                       const float* dy, float* dx, long n)
+{
+    long i;
+    for (i = 0; i < n; i++)
+        dx[i] = dy[i] * mdnn_act_grad(act, x ? x[i] : 0.0f, y ? y[i] : 0.0f, p);
+}
+#endif
+
+#endif
