@@ -4,27 +4,9 @@
     net = dnn.loss_multiclass_log(dnn.fc(10, dnn.relu(dnn.con(16, 5, 5, 1, 1, dnn.input_tensor()))))
     labels = net(x)            # x: float32 (N, K, R, C)
 """
-import os as _os
+from ._sources import find_installed_kernels as _find_installed_kernels
 
-
-def _use_installed_kernels():
-    """Run from a source checkout (``python -m pytest`` or ``python -m minidnn`` in the
-    repository root puts the checkout first on sys.path), this package has no
-    compiled kernels: the ones ``pip install .`` built live in the installed copy,
-    so add its folder to this package's search path."""
-    here = _os.path.dirname(__file__)
-    if any(f.startswith("_cpu_") for f in _os.listdir(here)):
-        return
-    try:
-        from importlib.metadata import distribution
-        installed = str(distribution("minidnn").locate_file("minidnn"))
-    except Exception:
-        return
-    if _os.path.isdir(installed) and _os.path.realpath(installed) != _os.path.realpath(here):
-        __path__.append(installed)
-
-
-_use_installed_kernels()
+_find_installed_kernels(__path__)
 
 from .core import (Layer, LayerError, Node, count_parameters, input_tensor_, layer,
                    visit_layers, visit_layers_backwards)

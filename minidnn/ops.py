@@ -200,6 +200,9 @@ _op("fc_grad_params: x dy -> dw db?",
 _op("activation_grad: x? y? dy -> dx; act",
     "dx = dy * act'(x), given x and y = act(x) (the derivative may read either; pass None "
     "for one it does not need: kernels/common/activations.h); dx may be dy.", grad=True)
+_op("prelu_alpha_grad: x dy -> dalpha",
+    "dalpha (1,) = sum of dy * x over the elements where x <= 0 (prelu's learned alpha).",
+    grad=True)
 _op("bn_forward_train: x gamma beta -> y mean invstd running_mean running_var; avg_factor eps",
     "Batch norm with this batch's statistics per channel of x (N,K,R,C) (FC mode: x viewed "
     "(N,D,1,1)): y = gamma (x - mean) invstd + beta; writes mean and invstd (K,); "
@@ -223,8 +226,8 @@ _op("loss_mean_squared: x t -> dx",
     "returns the loss (float).", grad=True)
 _op("sgd_update: w g v -> ; lr weight_decay momentum",
     "In place: v = momentum v - lr (weight_decay w + g); w += v.", grad=True)
-_op("adam_update: w g m v -> ; lr weight_decay beta1 beta2 t",
-    "In place, step t >= 1: Adam with weight decay added to the gradient (dlib's adam).",
+_op("adam_update: w g m v -> ; lr weight_decay beta1 beta2 t eps",
+    "In place, step t >= 1: Adam with weight decay added to the gradient (dlib's adam; eps 1e-8).",
     grad=True)
 _op("all_finite: a -> ",
     "Whether every value of float32 array a is finite.", grad=True)

@@ -1,14 +1,21 @@
-"""Slow, obviously-correct NumPy references for every primitive, and a whole
-network evaluator built only from them (it shares no code with the runtime's
-Program or backends: it walks the nodes itself).
+"""THE float64 reference: slow, obviously-correct NumPy for every primitive and every layer.
 
-Computed in float64 so that the reference is the exact side of a comparison.
+One entry per layer class in ``LAYERS`` (``@layer_ref(dnn.con_)``), one per activation
+in ``ACTIVATIONS`` (by name), and ``forward(net, x)``, a whole-network evaluator built
+only from them: it shares no code with the runtime's Program or backends (it walks the
+nodes itself). The forward tests, the gradient tests (``train=True``: batch-norm uses
+the batch's statistics; ``over``: float64 parameters in place of the layer's) and every
+backend compare against it. Computed in float64 so that the reference is the exact side
+of a comparison.
 """
+import math
+
 import numpy as np
 
 import minidnn as dnn
 
 
+# ---------------------------------------------------------------------------- primitives
 def conv2d(x, w, b, sy, sx, py, px):
     """Direct definition: y[n,f,i,j] = sum_{k,a,c} xpad[n,k,i*sy+a,j*sx+c] * w[f,k,a,c] + b[f]."""
     x = x.astype(np.float64)
@@ -67,56 +74,187 @@ def per_unit(x, a, mode):
     return a.astype(np.float64).reshape(1, *x.shape[1:])
 
 
-def forward(net, x):
-    """The output of ``net`` on x computed node by node with the references above.
+# ---------------------------------------------------------------------------- activations
+_erfc = np.vectorize(math.erfc, otypes=[np.float64])
 
-    Disabled layers are identities; a con_/fc_ with ``fused_relu`` applies relu.
-    Returns float64.
+# name -> f(x, p) in float64 (p: the activation's parameter)
+ACTIVATIONS = {
+    "identity": lambda x, p: x,
+    "relu": lambda x, p: np.maximum(x, 0),
+    "sig": lambda x, p: 1 / (1 + np.exp(-x)),
+    "htan": lambda x, p: np.tanh(x),
+    "leaky_relu": lambda x, p: np.where(x > 0, x, p * x),
+    "prelu": lambda x, p: np.where(x > 0, x, p * x),
+    "elu": lambda x, p: np.where(x > 0, x, p * np.expm1(np.minimum(x, 0))),
+    "gelu": lambda x, p: 0.5 * x * _erfc(-x / math.sqrt(2)),
+    "mish": lambda x, p: x * np.tanh(np.logaddexp(0, x)),
+    "silu": lambda x, p: x / (1 + np.exp(-x)),
+    "clipped_relu": lambda x, p: np.clip(x, 0, p),
+    "smelu": lambda x, p: np.where(x >= p, x, np.where(x <= -p, 0, (x + p) ** 2 / (4 * p))),
+}
+
+
+def activation(x, act):
+    """act(x) in float64 for an ops.Act."""
+    return ACTIVATIONS[act.name](np.asarray(x, np.float64), float(act.param))
+
+
+# ---------------------------------------------------------------------------- layers
+LAYERS = {}      # layer class -> f(layer, y, env) -> y
+
+
+def layer_ref(*classes):
+    def register(f):
+        for cls in classes:
+            LAYERS[cls] = f
+        return f
+    return register
+
+
+class Env:
+    """What a reference layer sees besides its input: the tagged outputs so far, the
+    float64 parameter overrides, and whether batch-norm uses batch statistics."""
+
+    def __init__(self, over, train):
+        self.tags, self.over, self.train = {}, over or {}, train
+
+    def param(self, layer, name):
+        a = self.over.get((id(layer), name))
+        if a is not None:
+            return a
+        v = getattr(layer, name)
+        return None if v is None else v.astype(np.float64)
+
+
+@layer_ref(dnn.con_)
+def _con(l, y, env):
+    y = conv2d(y, env.param(l, "filters"), env.param(l, "biases"), l.stride_y, l.stride_x,
+               l.padding_y, l.padding_x)
+    return activation(y, l.act)
+
+
+@layer_ref(dnn.fc_)
+def _fc(l, y, env):
+    return activation(fc(y, env.param(l, "weights"), env.param(l, "biases")), l.act)
+
+
+def _mode_view(y, mode):
+    """(N, units, S) view for per-channel (conv: S = R*C) or per-unit (fc: S = 1) statistics."""
+    n = y.shape[0]
+    return y.reshape(n, y.shape[1], -1) if mode == "conv" else y.reshape(n, -1, 1)
+
+
+@layer_ref(dnn.bn_)
+def _bn(l, y, env):
+    g, b = env.param(l, "gamma"), env.param(l, "beta")
+    if env.train:
+        v = _mode_view(y, l.mode)
+        mean = v.mean(axis=(0, 2), keepdims=True)
+        var = ((v - mean) ** 2).mean(axis=(0, 2), keepdims=True)
+        return (g[None, :, None] * (v - mean) / np.sqrt(var + l.eps) + b[None, :, None]).reshape(y.shape)
+    mean, var = per_unit(y, l.running_mean, l.mode), per_unit(y, l.running_var, l.mode)
+    return per_unit(y, g, l.mode) * (y - mean) / np.sqrt(var + l.eps) + per_unit(y, b, l.mode)
+
+
+@layer_ref(dnn.affine_)
+def _affine(l, y, env):
+    return per_unit(y, env.param(l, "gamma"), l.mode) * y + per_unit(y, env.param(l, "beta"), l.mode)
+
+
+@layer_ref(dnn.max_pool_, dnn.avg_pool_)
+def _pool(l, y, env):
+    nr, nc = (l.nr, l.nc) if l.nr else y.shape[2:]
+    py, px = (l.padding_y, l.padding_x) if l.nr else (0, 0)
+    return pool(y, nr, nc, l.stride_y, l.stride_x, py, px,
+                np.max if isinstance(l, dnn.max_pool_) else np.mean)
+
+
+@layer_ref(dnn.softmax_)
+def _softmax(l, y, env):
+    return softmax(y)
+
+
+@layer_ref(dnn.tag_)
+def _tag(l, y, env):
+    env.tags[l.id] = y
+    return y
+
+
+@layer_ref(dnn.skip_)
+def _skip(l, y, env):
+    return env.tags[l.id]
+
+
+@layer_ref(dnn.add_prev_)
+def _add_prev(l, y, env):
+    return y + env.tags[l.id]
+
+
+# ---------------------------------------------------------------------------- losses
+LOSSES = {}      # loss class -> f(layer, out (float64), target) -> the mean loss (float)
+
+
+def loss_ref(*classes):
+    def register(f):
+        for cls in classes:
+            LOSSES[cls] = f
+        return f
+    return register
+
+
+@loss_ref(dnn.loss_multiclass_log_)
+def _multiclass_log(l, out, target):
+    n = out.shape[0]
+    z = out.reshape(n, -1)
+    m = z.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z - m).sum(axis=1)) + m[:, 0]
+    return float(np.mean(lse - z[np.arange(n), np.asarray(target, np.int64)]))
+
+
+@loss_ref(dnn.loss_mean_squared_)
+def _mean_squared(l, out, target):
+    n = out.shape[0]
+    return float(((out.reshape(n, -1) - np.asarray(target, np.float64).reshape(n, -1)) ** 2).sum() / n)
+
+
+def loss(layer, out, target):
+    """The float64 loss of loss layer ``layer`` for the subnet output ``out``."""
+    f = LOSSES.get(type(layer))
+    if f is None:
+        raise NotImplementedError(f"tests/reference.py has no loss entry for {type(layer).__name__}")
+    return f(layer, np.asarray(out, np.float64), target)
+
+
+@layer_ref(dnn.prelu_)
+def _prelu(l, y, env):
+    a = float(env.param(l, "alpha")[0])
+    return np.where(y > 0, y, a * y)
+
+
+def _pointwise(l, y, env):
+    return activation(y, l.act)
+
+
+def forward(net, x, over=None, train=False):
+    """The output of ``net`` on x computed node by node with the references above (float64).
+
+    Disabled layers are identities (routing layers are never disabled); a loss layer on
+    top is skipped (its subnet's output is returned). ``over`` maps (id(layer), name) to
+    float64 arrays used instead of the layer's parameters; ``train`` makes batch-norm use
+    the batch's statistics.
     """
-    nodes = net.chain()[::-1]
-    tags = {}
-    y = x.astype(np.float64)
-    for node in nodes:
+    env = Env(over, train)
+    y = np.asarray(x, np.float64)
+    for node in net.chain()[::-1]:
         l = node.layer_details()
-        if isinstance(l, dnn.input_tensor_):
+        if l.is_input or l.is_loss or (l.disabled and not l.routing):
             continue
-        if isinstance(l, dnn.tag_):
-            tags[l.id] = y
-            continue
-        if isinstance(l, dnn.skip_):
-            y = tags[l.id]
-            continue
-        if isinstance(l, dnn.add_prev_):
-            y = y + tags[l.id]
-            continue
-        if l.disabled:
-            continue
-        if isinstance(l, dnn.con_):
-            y = conv2d(y, l.filters, l.biases, l.stride_y, l.stride_x, l.padding_y, l.padding_x)
-            if l.fused_relu:
-                y = relu(y)
-        elif isinstance(l, dnn.fc_):
-            y = fc(y, l.weights, l.biases)
-            if l.fused_relu:
-                y = relu(y)
-        elif isinstance(l, dnn.relu_):
-            y = relu(y)
-        elif isinstance(l, dnn.bn_):
-            mean, var = per_unit(y, l.running_mean, l.mode), per_unit(y, l.running_var, l.mode)
-            y = per_unit(y, l.gamma, l.mode) * (y - mean) / np.sqrt(var + l.eps) + per_unit(y, l.beta, l.mode)
-        elif isinstance(l, dnn.affine_):
-            y = per_unit(y, l.gamma, l.mode) * y + per_unit(y, l.beta, l.mode)
-        elif isinstance(l, (dnn.max_pool_, dnn.avg_pool_)):
-            nr, nc = (l.nr, l.nc) if l.nr else y.shape[2:]
-            py, px = (l.padding_y, l.padding_x) if l.nr else (0, 0)
-            y = pool(y, nr, nc, l.stride_y, l.stride_x, py, px,
-                     np.max if isinstance(l, dnn.max_pool_) else np.mean)
-        elif isinstance(l, dnn.softmax_):
-            y = softmax(y)
-        elif isinstance(l, dnn.loss_multiclass_log_):
-            continue
-        else:
-            raise NotImplementedError(type(l).__name__)
+        f = LAYERS.get(type(l))
+        if f is None and l.pointwise:
+            f = _pointwise
+        if f is None:
+            raise NotImplementedError(f"tests/reference.py has no entry for {type(l).__name__}")
+        y = f(l, y, env)
     return y
 
 

@@ -350,9 +350,15 @@ def test_conv2d_residual_z_may_share_memory_with_x():
 
 
 def test_conv2d_residual_batch_zero():
+    """A batch of zero samples is accepted, writes nothing, and leaves the kernel usable."""
     x, w = rand(0, 3, 5, 5), rand(2, 3, 3, 3)
-    cpu.conv2d_residual(x, w, None, cpu.empty((0, 2, 3, 3)), cpu.empty((0, 2, 3, 3)),
-                        1, 1, 0, 0, False)
+    buf = np.full(64, 7.0, np.float32)
+    y = buf[:0].reshape(0, 2, 3, 3)
+    assert cpu.conv2d_residual(x, w, None, cpu.empty((0, 2, 3, 3)), y, 1, 1, 0, 0, True) is None
+    assert y.shape == (0, 2, 3, 3) and (buf == 7.0).all()
+    x1, z1, y1 = rand(1, 3, 5, 5), rand(1, 2, 3, 3), cpu.empty((1, 2, 3, 3))
+    cpu.conv2d_residual(x1, w, None, z1, y1, 1, 1, 0, 0, False)
+    assert_close(y1, ref_conv2d(x1, w, None, 1, 1, 0, 0, False) + z1)
 
 
 def _overlapping_z(y):
@@ -503,9 +509,15 @@ def test_conv2d_path_rule():
 
 
 def test_conv2d_batch_zero():
+    """A batch of zero samples is accepted, writes nothing, and leaves the kernel usable."""
     x, w = rand(0, 3, 5, 5), rand(2, 3, 3, 3)
-    y = cpu.empty((0, 2, 3, 3))
-    cpu.conv2d(x, w, None, y, 1, 1, 0, 0, False)
+    buf = np.full(64, 7.0, np.float32)
+    y = buf[:0].reshape(0, 2, 3, 3)
+    assert cpu.conv2d(x, w, None, y, 1, 1, 0, 0, False) is None
+    assert y.shape == (0, 2, 3, 3) and (buf == 7.0).all()
+    x1, y1 = rand(1, 3, 5, 5), cpu.empty((1, 2, 3, 3))
+    cpu.conv2d(x1, w, None, y1, 1, 1, 0, 0, False)
+    assert_close(y1, ref_conv2d(x1, w, None, 1, 1, 0, 0, False))
 
 
 # ---------------------------------------------------------------------- fc

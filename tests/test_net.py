@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import minidnn as dnn
+from minidnn import nets
 import reference as R
 
 RNG = np.random.default_rng(1234)
@@ -153,22 +154,9 @@ def test_nested_tags_use_the_nearest_below():
 
 # ---------------------------------------------------------------------------- whole networks
 def cifar_resnet(widths=(32, 64, 128), blocks=2, classes=10):
-    """The CIFAR-style ResNet of the issues: basic blocks, tag/skip/add_prev shortcuts,
-    1x1 stride-2 projections."""
-    def basic(k, sub):
-        return dnn.relu(dnn.add_prev1(dnn.bn_con(dnn.con(k, 3, 3, 1, 1, dnn.relu(dnn.bn_con(
-            dnn.con(k, 3, 3, 1, 1, dnn.tag1(sub))))))))
-
-    def down(k, sub):
-        return dnn.relu(dnn.add_prev2(dnn.bn_con(dnn.con(k, 3, 3, 1, 1, dnn.relu(dnn.bn_con(
-            dnn.con(k, 3, 3, 2, 2, dnn.skip1(dnn.tag2(dnn.bn_con(dnn.con(k, 1, 1, 2, 2,
-                dnn.tag1(sub))))), padding_y=1, padding_x=1)))))))
-
-    net = dnn.relu(dnn.bn_con(dnn.con(widths[0], 3, 3, 1, 1, dnn.input_tensor())))
-    for s, k in enumerate(widths):
-        for b in range(blocks):
-            net = down(k, net) if (s > 0 and b == 0) else basic(k, net)
-    return dnn.loss_multiclass_log(dnn.fc(classes, dnn.avg_pool_everything(net)))
+    """The CIFAR-style ResNet of minidnn.nets (basic blocks, tag/skip/add_prev shortcuts,
+    1x1 stride-2 projections) with a loss on top."""
+    return dnn.loss_multiclass_log(nets.cifar_resnet(widths, blocks, classes))
 
 
 def test_cifar_resnet_matches_reference():

@@ -10,12 +10,13 @@
  * An activation is data: a code (MDNN_ACT_*) and one float parameter p
  * (alpha, ceiling or beta; ignored by the others). The codes are part of
  * the Python side's contract: minidnn/layers/activations.py gives each
- * activation layer the code below with the same name, and
+ * activation layer the code below with the same name (MDNN_ACT_<KIND>), and
  * tests/test_activations.py checks that the two lists agree.
  *
  * Everything is branch-free arithmetic (selects, no libm calls), so a loop
  * over mdnn_act with a constant code vectorises (GCC -O3, AVX2); exp and erf
- * are our own polynomials (Cephes-style, ~1-2 ulp; erf ~1.5e-7 absolute).
+ * are our own polynomials (Cephes-style expf, ~1-2 ulp; erfc with a relative
+ * error below 1.2e-7), so every activation keeps its relative accuracy in its tails.
  * NaN passes through every activation (as numpy's maximum does for relu).
  *
  *   code                 y = f(x)                                    df/dx (from x and y = f(x))
@@ -23,8 +24,8 @@
  *   RELU        1        max(x, 0)                                   y > 0
  *   LEAKY_RELU  2        x > 0 ? x : p x          (p = alpha)        x > 0 ? 1 : p
  *   PRELU       3        as LEAKY_RELU with p = the learned scalar   as LEAKY_RELU
- *   SIGMOID     4        1 / (1 + e^-x)                              y (1 - y)
- *   TANH        5        tanh x                                      1 - y^2
+ *   SIG         4        1 / (1 + e^-x)                              y (1 - y)
+ *   HTAN        5        tanh x                                      1 - y^2
  *   ELU         6        x > 0 ? x : p (e^x - 1)  (p = alpha)        x > 0 ? 1 : y + p
  *   GELU        7        x Phi(x) = x/2 (1 + erf(x/sqrt 2))         Phi(x) + x phi(x)
  *   MISH        8        x tanh(ln(1 + e^x))                         dlib's e omega / delta^2
@@ -46,8 +47,8 @@
 #define MDNN_ACT_RELU 1
 #define MDNN_ACT_LEAKY_RELU 2
 #define MDNN_ACT_PRELU 3
-#define MDNN_ACT_SIGMOID 4
-#define MDNN_ACT_TANH 5
+#define MDNN_ACT_SIG 4
+#define MDNN_ACT_HTAN 5
 #define MDNN_ACT_ELU 6
 #define MDNN_ACT_GELU 7
 #define MDNN_ACT_MISH 8
@@ -82,7 +83,21 @@ MDNN_ACT_FN float mdnn_expf(float x)
     p = p * r + 5.0000001201e-1f;
     p = p * r2 + r + 1.0f;
     p = p * mdnn_bits_f((ni + 127) << 23);
+    p = x < -87.3f ? 0.0f : p;                     /* flush what would be subnormal */
     return x != x ? x : p;
+}
+
+/* e^(-x^2/2) with the relative accuracy of one expf: x = xh + xl with xh holding
+ * 12 significant bits, so -xh^2/2 is exact and the rest is a small correction */
+MDNN_ACT_FN float mdnn_exp_halfsq(float x)
+{
+    union { float f; int i; } u;
+    float xh, xl;
+    u.f = x;
+    u.i &= ~0xFFF;
+    xh = u.f;
+    xl = x - xh;
+    return mdnn_expf(-0.5f * xh * xh) * mdnn_expf(-xl * (xh + 0.5f * xl));
 }
 
 /* e^x - 1, accurate near 0 (a Taylor polynomial for |x| < 0.35, where
@@ -95,22 +110,19 @@ MDNN_ACT_FN float mdnn_expm1f(float x)
     return (x > -0.35f && x < 0.35f) ? t : e;
 }
 
-/* erf(x), Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), odd; for |x| < 0.5
- * its Taylor series (9 terms), which keeps the relative error small near 0 */
-MDNN_ACT_FN float mdnn_erff(float x)
+/* Phi(x), the standard normal CDF = erfc(-x / sqrt 2) / 2, with a relative error
+ * of a few 1e-7 in both tails: the Chebyshev fit of Numerical Recipes' erfcc
+ * (fractional error < 1.2e-7), erfc(z) = t exp(-z^2 + P(t)), with e^(-z^2) =
+ * e^(-x^2/2) computed without losing digits (mdnn_exp_halfsq) */
+MDNN_ACT_FN float mdnn_normal_cdf(float x)
 {
-    float a = x < 0.0f ? -x : x;
-    float t = 1.0f / (1.0f + 0.3275911f * a);
-    float q = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f
-              + t * (-1.453152027f + t * 1.061405429f))));
-    float big = 1.0f - q * mdnn_expf(-a * a);
-    float x2 = x * x;
-    /* 2/sqrt(pi) (x - x^3/3 + x^5/10 - x^7/42 + x^9/216 - x^11/1320 + x^13/9360 - x^15/75600) */
-    float small = 1.1283791670955126f * x * (1.0f + x2 * (-1.0f / 3 + x2 * (1.0f / 10
-                  + x2 * (-1.0f / 42 + x2 * (1.0f / 216 + x2 * (-1.0f / 1320
-                  + x2 * (1.0f / 9360 + x2 * (-1.0f / 75600))))))));
-    big = x < 0.0f ? -big : big;
-    return a < 0.5f ? small : big;
+    float z = (x < 0.0f ? -x : x) * 0.70710678118654752f;
+    float t = 1.0f / (1.0f + 0.5f * z);
+    float q = -1.26551223f + t * (1.00002368f + t * (0.37409196f + t * (0.09678418f
+              + t * (-0.18628806f + t * (0.27886807f + t * (-1.13520398f + t * (1.48851587f
+              + t * (-0.82215223f + t * 0.17087277f))))))));
+    float h = 0.5f * t * mdnn_exp_halfsq(x) * mdnn_expf(q);
+    return x < 0.0f ? h : 1.0f - h;
 }
 
 /* ------------------------------------------------------------ the activations */
@@ -129,10 +141,7 @@ MDNN_ACT_FN float mdnn_act_tanh(float x)
 
 MDNN_ACT_FN float mdnn_act_elu(float x, float p) { return x > 0.0f ? x : p * mdnn_expm1f(x); }
 
-MDNN_ACT_FN float mdnn_act_gelu(float x)
-{
-    return 0.5f * x * (1.0f + mdnn_erff(x * 0.70710678118654752f));
-}
+MDNN_ACT_FN float mdnn_act_gelu(float x) { return x * mdnn_normal_cdf(x); }
 
 MDNN_ACT_FN float mdnn_act_mish(float x)
 {
@@ -160,13 +169,13 @@ MDNN_ACT_FN float mdnn_act_smelu(float x, float p)
 /* which of x and y = f(x) the derivative of `act` reads */
 MDNN_ACT_FN int mdnn_act_reads_y(int act)
 {
-    return act == MDNN_ACT_RELU || act == MDNN_ACT_SIGMOID || act == MDNN_ACT_TANH
+    return act == MDNN_ACT_RELU || act == MDNN_ACT_SIG || act == MDNN_ACT_HTAN
            || act == MDNN_ACT_ELU;
 }
 MDNN_ACT_FN int mdnn_act_reads_x(int act)
 {
-    return act != MDNN_ACT_IDENTITY && act != MDNN_ACT_RELU && act != MDNN_ACT_SIGMOID
-           && act != MDNN_ACT_TANH;
+    return act != MDNN_ACT_IDENTITY && act != MDNN_ACT_RELU && act != MDNN_ACT_SIG
+           && act != MDNN_ACT_HTAN;
 }
 
 /* y = f(x) for activation code `act` with parameter p */
@@ -176,8 +185,8 @@ MDNN_ACT_FN float mdnn_act(int act, float x, float p)
     case MDNN_ACT_RELU: return mdnn_act_relu(x);
     case MDNN_ACT_LEAKY_RELU:
     case MDNN_ACT_PRELU: return mdnn_act_leaky(x, p);
-    case MDNN_ACT_SIGMOID: return mdnn_act_sigmoid(x);
-    case MDNN_ACT_TANH: return mdnn_act_tanh(x);
+    case MDNN_ACT_SIG: return mdnn_act_sigmoid(x);
+    case MDNN_ACT_HTAN: return mdnn_act_tanh(x);
     case MDNN_ACT_ELU: return mdnn_act_elu(x, p);
     case MDNN_ACT_GELU: return mdnn_act_gelu(x);
     case MDNN_ACT_MISH: return mdnn_act_mish(x);
@@ -196,12 +205,11 @@ MDNN_ACT_FN float mdnn_act_grad(int act, float x, float y, float p)
     case MDNN_ACT_RELU: return y > 0.0f ? 1.0f : 0.0f;
     case MDNN_ACT_LEAKY_RELU:
     case MDNN_ACT_PRELU: return x > 0.0f ? 1.0f : p;
-    case MDNN_ACT_SIGMOID: return y * (1.0f - y);
-    case MDNN_ACT_TANH: return 1.0f - y * y;
+    case MDNN_ACT_SIG: return y * (1.0f - y);
+    case MDNN_ACT_HTAN: return 1.0f - y * y;
     case MDNN_ACT_ELU: return x > 0.0f ? 1.0f : y + p;
     case MDNN_ACT_GELU:
-        return 0.5f * (1.0f + mdnn_erff(x * 0.70710678118654752f))
-               + x * 0.39894228040143268f * mdnn_expf(-0.5f * x * x);
+        return mdnn_normal_cdf(x) + x * 0.39894228040143268f * mdnn_exp_halfsq(x);
     case MDNN_ACT_MISH: {
         /* dlib: e omega / delta^2, delta = 2e + e^2 + 2,
          * omega = 4(x + 1) + 4e^2 + e^3 + e(4x + 6); 1 in float for x > 20 */
@@ -232,8 +240,8 @@ static inline void mdnn_act_array(int act, float p, const float* x, float* y, lo
     case MDNN_ACT_RELU: MDNN_ACT_LOOP(mdnn_act_relu(v))
     case MDNN_ACT_LEAKY_RELU:
     case MDNN_ACT_PRELU: MDNN_ACT_LOOP(mdnn_act_leaky(v, p))
-    case MDNN_ACT_SIGMOID: MDNN_ACT_LOOP(mdnn_act_sigmoid(v))
-    case MDNN_ACT_TANH: MDNN_ACT_LOOP(mdnn_act_tanh(v))
+    case MDNN_ACT_SIG: MDNN_ACT_LOOP(mdnn_act_sigmoid(v))
+    case MDNN_ACT_HTAN: MDNN_ACT_LOOP(mdnn_act_tanh(v))
     case MDNN_ACT_ELU: MDNN_ACT_LOOP(mdnn_act_elu(v, p))
     case MDNN_ACT_GELU: MDNN_ACT_LOOP(mdnn_act_gelu(v))
     case MDNN_ACT_MISH: MDNN_ACT_LOOP(mdnn_act_mish(v))

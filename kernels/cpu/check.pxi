@@ -12,6 +12,14 @@ cnp.import_array()
 
 ctypedef Py_ssize_t isize
 
+cdef extern from *:
+    const char* MINIDNN_KERNEL_HASH      # set by CMakeLists.txt: the hash of the kernel sources
+
+
+def _source_hash():
+    """The hash of the kernel sources this module was built from (see CMakeLists.txt)."""
+    return MINIDNN_KERNEL_HASH.decode("ascii")
+
 
 cdef inline cnp.ndarray _f32(object a, str what, bint writable=False):
     """a as a float32, C-contiguous, aligned ndarray (else ValueError)."""

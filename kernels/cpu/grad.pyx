@@ -21,7 +21,7 @@ include "check.pxi"
 include "act.pxi"
 
 from cython.parallel cimport prange
-from libc.stdlib cimport free
+from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 from libc.math cimport sqrt, exp, log, isfinite
 from scipy.linalg.cython_blas cimport sgemm
@@ -407,6 +407,37 @@ def activation_grad(x, y, dy, dx, act):
             mdnn_act_grad_array(code, p, px + o if px != NULL else NULL,
                                 py + o if py != NULL else NULL, pdy + o, pdx + o,
                                 min(16384, n - o))
+
+
+def prelu_alpha_grad(x, dy, dalpha):
+    """dalpha[0] = sum of dy * x where x <= 0 (float64 accumulation, per block, then in
+    block order: deterministic for a given shape and thread count)."""
+    cdef cnp.ndarray ax = _f32(x, "prelu_alpha_grad x")
+    cdef cnp.ndarray ady = _f32(dy, "prelu_alpha_grad dy")
+    cdef cnp.ndarray ada = _f32(dalpha, "prelu_alpha_grad dalpha", True)
+    if not _same_shape(ax, ady):
+        raise ValueError(f"prelu_alpha_grad: shapes differ: x {_shape(ax)}, dy {_shape(ady)}")
+    if cnp.PyArray_SIZE(ada) != 1:
+        raise ValueError(f"prelu_alpha_grad: dalpha must have 1 element, got {_shape(ada)}")
+    cdef isize n = cnp.PyArray_SIZE(ax), nb = (n + 16383) // 16384, b, i, e
+    cdef const float* px = _ptr(ax)
+    cdef const float* pdy = _ptr(ady)
+    cdef double total = 0.0
+    cdef double* part = <double*>malloc(<size_t>(nb if nb > 0 else 1) * sizeof(double))
+    if part == NULL:
+        raise MemoryError("prelu_alpha_grad: out of memory")
+    cdef int nt = _threads_for(n, GRAIN)
+    with nogil:
+        for b in prange(nb, num_threads=nt, schedule="static"):
+            part[b] = 0.0
+            e = min(n, (b + 1) * 16384)
+            for i in range(b * 16384, e):
+                if px[i] <= 0:
+                    part[b] += <double>pdy[i] * px[i]
+        for b in range(nb):
+            total += part[b]
+    free(part)
+    (<float*>_ptr(ada))[0] = <float>total
 
 
 # ----------------------------------------------- per-channel (bn, affine)

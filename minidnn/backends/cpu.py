@@ -36,6 +36,9 @@ else:
 import numpy as np  # noqa: E402
 
 from minidnn import _cpu_conv, _cpu_eltwise, _cpu_pool  # noqa: E402
+from minidnn._sources import check_fresh  # noqa: E402
+
+check_fresh(_cpu_conv, _cpu_eltwise, _cpu_pool)
 
 name = "cpu"
 array_type = np.ndarray

@@ -7,6 +7,9 @@ call sgemm from inside their OpenMP team, like conv.pyx).
 """
 from minidnn.backends import cpu as _cpu  # noqa: F401  (pins scipy's BLAS to one thread)
 from minidnn import _cpu_grad
+from minidnn._sources import check_fresh
+
+check_fresh(_cpu_grad)
 
 name = "cpu"
 
@@ -26,3 +29,4 @@ loss_mean_squared = _cpu_grad.loss_mean_squared
 sgd_update = _cpu_grad.sgd_update
 adam_update = _cpu_grad.adam_update
 all_finite = _cpu_grad.all_finite
+prelu_alpha_grad = _cpu_grad.prelu_alpha_grad

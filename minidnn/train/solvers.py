@@ -50,6 +50,7 @@ class adam:
         self.weight_decay = float(weight_decay)
         self.beta1 = float(beta1)
         self.beta2 = float(beta2)
+        self.eps = 1e-8                 # dlib's
         self.state = {}                 # key -> {"m": array, "v": array, "t": array(1)}
 
     def settings(self):
@@ -63,7 +64,7 @@ class adam:
                                     "t": np.zeros(1, np.int64)}
         st["t"][0] += 1
         ops.adam_update(w, g, st["m"], st["v"], lr, self.weight_decay if decay else 0.0,
-                        self.beta1, self.beta2, int(st["t"][0]))
+                        self.beta1, self.beta2, int(st["t"][0]), self.eps)
 
     def __repr__(self):
         return f"adam(weight_decay={self.weight_decay:g}, beta1={self.beta1:g}, beta2={self.beta2:g})"
