@@ -13,8 +13,9 @@
  * activation layer the code below with the same name (MDNN_ACT_<KIND>), and
  * tests/test_activations.py checks that the two lists agree.
  *
- * Everything is branch-free arithmetic (selects, no libm calls), so a loop
- * over mdnn_act with a constant code vectorises (GCC -O3, AVX2); exp and erf
+ * Everything is branch-free arithmetic (selects, no libm calls, no float-to-int
+ * conversions), so a loop over mdnn_act with a constant code vectorises (GCC -O3
+ * -fno-trapping-math, which CMakeLists.txt sets; check with -fopt-info-vec); exp and erf
  * are our own polynomials (Cephes-style expf, ~1-2 ulp; erfc with a relative
  * error below 1.2e-7), so every activation keeps its relative accuracy in its tails.
  * NaN passes through every activation (as numpy's maximum does for relu).
@@ -59,22 +60,24 @@
 
 /* ------------------------------------------------------------ building blocks */
 
-/* the float whose bits are i, and back (memcpy-free: vectorises) */
+/* the float whose bits are i, and the bits of f (unions: they vectorise, and nvcc
+ * takes them too) */
 MDNN_ACT_FN float mdnn_bits_f(int i) { union { int i; float f; } u; u.i = i; return u.f; }
+MDNN_ACT_FN int mdnn_f_bits(float f) { union { int i; float f; } u; u.f = f; return u.i; }
 
-/* e^x, x clamped to [-87.3, 88.3] (e^-87.3 ~ 1.2e-38: the smallest normal
- * neighbourhood; e^88.3 ~ 2.2e38), NaN -> NaN. Cephes expf: x = n ln2 + r,
- * |r| <= ln2/2, a degree-6 polynomial for e^r, 2^n from the exponent bits. */
+/* e^x: x clamped to [-87.3, 88.3] (e^88.3 ~ 2.2e38), 0 below -87.3 (what would be
+ * subnormal), NaN -> NaN. Cephes expf: x = n ln2 + r, |r| <= ln2/2, a degree-6
+ * polynomial for e^r, 2^n from the exponent bits. n = round(x log2 e) comes from
+ * adding 1.5 * 2^23 (its low mantissa bits then hold n): no float-to-int
+ * conversion, which keeps the loops over it vectorisable. */
 MDNN_ACT_FN float mdnn_expf(float x)
 {
     float c = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-    float n = c * 1.44269504088896341f + 0.5f;
-    int ni = (int)n;
-    float r, r2, p;
-    ni -= (n < (float)ni);                                 /* floor */
-    n = (float)ni;
-    r = c - n * 0.693359375f + n * 2.12194440e-4f;
-    r2 = r * r;
+    float t = c * 1.44269504088896341f + 12582912.0f;
+    float n = t - 12582912.0f;
+    int ni = mdnn_f_bits(t) - 0x4B400000;
+    float r = c - n * 0.693359375f + n * 2.12194440e-4f;
+    float r2 = r * r, p;
     p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
@@ -83,21 +86,8 @@ MDNN_ACT_FN float mdnn_expf(float x)
     p = p * r + 5.0000001201e-1f;
     p = p * r2 + r + 1.0f;
     p = p * mdnn_bits_f((ni + 127) << 23);
-    p = x < -87.3f ? 0.0f : p;                     /* flush what would be subnormal */
+    p = x < -87.3f ? 0.0f : p;
     return x != x ? x : p;
-}
-
-/* e^(-x^2/2) with the relative accuracy of one expf: x = xh + xl with xh holding
- * 12 significant bits, so -xh^2/2 is exact and the rest is a small correction */
-MDNN_ACT_FN float mdnn_exp_halfsq(float x)
-{
-    union { float f; int i; } u;
-    float xh, xl;
-    u.f = x;
-    u.i &= ~0xFFF;
-    xh = u.f;
-    xl = x - xh;
-    return mdnn_expf(-0.5f * xh * xh) * mdnn_expf(-xl * (xh + 0.5f * xl));
 }
 
 /* e^x - 1, accurate near 0 (a Taylor polynomial for |x| < 0.35, where
@@ -107,7 +97,16 @@ MDNN_ACT_FN float mdnn_expm1f(float x)
     float t = x * (1.0f + x * (0.5f + x * (1.0f / 6 + x * (1.0f / 24 + x * (1.0f / 120
               + x * (1.0f / 720 + x * (1.0f / 5040)))))));
     float e = mdnn_expf(x) - 1.0f;
-    return (x > -0.35f && x < 0.35f) ? t : e;
+    float ax = x < 0.0f ? -x : x;
+    return ax < 0.35f ? t : e;
+}
+
+/* e^(-x^2/2) with the relative accuracy of one expf: x = xh + xl with xh holding
+ * 12 significant bits, so -xh^2/2 is exact and the rest is a small correction */
+MDNN_ACT_FN float mdnn_exp_halfsq(float x)
+{
+    float xh = mdnn_bits_f(mdnn_f_bits(x) & ~0xFFF), xl = x - xh;
+    return mdnn_expf(-0.5f * xh * xh) * mdnn_expf(-xl * (xh + 0.5f * xl));
 }
 
 /* Phi(x), the standard normal CDF = erfc(-x / sqrt 2) / 2, with a relative error
@@ -223,7 +222,7 @@ MDNN_ACT_FN float mdnn_act_grad(int act, float x, float y, float p)
         float s = mdnn_act_sigmoid(x);
         return s + x * s * (1.0f - s);
     }
-    case MDNN_ACT_CLIPPED_RELU: return (x > 0.0f && x < p) ? 1.0f : 0.0f;
+    case MDNN_ACT_CLIPPED_RELU: return ((x > 0.0f) & (x < p)) ? 1.0f : 0.0f;
     case MDNN_ACT_SMELU: return x >= p ? 1.0f : (x <= -p ? 0.0f : (x + p) / (2.0f * p));
     default: return 1.0f;
     }
@@ -255,14 +254,30 @@ static inline void mdnn_act_array(int act, float p, const float* x, float* y, lo
 #undef MDNN_ACT_LOOP
 
 /* dx[i] = dy[i] * f'(x[i]) (x or y may be NULL when the activation's
- * derivative does not read it; dx may be dy) */
+ * derivative does not read it: mdnn_act_reads_x/y; dx may be dy); one loop per
+ * activation, as above */
+#define MDNN_GRAD_LOOP(A) for (i = 0; i < n; i++) \
+        dx[i] = dy[i] * mdnn_act_grad(A, x ? x[i] : 0.0f, y ? y[i] : 0.0f, p); break;
 static inline void mdnn_act_grad_array(int act, float p, const float* x, const float* y,
                                        const float* dy, float* dx, long n)
 {
     long i;
-    for (i = 0; i < n; i++)
-        dx[i] = dy[i] * mdnn_act_grad(act, x ? x[i] : 0.0f, y ? y[i] : 0.0f, p);
+    switch (act) {
+    case MDNN_ACT_RELU: MDNN_GRAD_LOOP(MDNN_ACT_RELU)
+    case MDNN_ACT_LEAKY_RELU:
+    case MDNN_ACT_PRELU: MDNN_GRAD_LOOP(MDNN_ACT_LEAKY_RELU)
+    case MDNN_ACT_SIG: MDNN_GRAD_LOOP(MDNN_ACT_SIG)
+    case MDNN_ACT_HTAN: MDNN_GRAD_LOOP(MDNN_ACT_HTAN)
+    case MDNN_ACT_ELU: MDNN_GRAD_LOOP(MDNN_ACT_ELU)
+    case MDNN_ACT_GELU: MDNN_GRAD_LOOP(MDNN_ACT_GELU)
+    case MDNN_ACT_MISH: MDNN_GRAD_LOOP(MDNN_ACT_MISH)
+    case MDNN_ACT_SILU: MDNN_GRAD_LOOP(MDNN_ACT_SILU)
+    case MDNN_ACT_CLIPPED_RELU: MDNN_GRAD_LOOP(MDNN_ACT_CLIPPED_RELU)
+    case MDNN_ACT_SMELU: MDNN_GRAD_LOOP(MDNN_ACT_SMELU)
+    default: if (dx != dy) for (i = 0; i < n; i++) dx[i] = dy[i];
+    }
 }
+#undef MDNN_GRAD_LOOP
 #endif
 
 #endif
