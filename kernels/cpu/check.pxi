@@ -12,6 +12,9 @@ cnp.import_array()
 
 ctypedef Py_ssize_t isize
 
+cdef extern from "geometry.h" nogil:
+    long mdnn_out_size(long n, long k, long stride, long pad, long dilation)
+
 cdef extern from *:
     const char* MINIDNN_KERNEL_HASH      # set by CMakeLists.txt: the hash of the kernel sources
 

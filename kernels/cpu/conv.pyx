@@ -97,60 +97,7 @@ cdef inline void _epilogue(float* y, isize ld, int rows, int cols,
             mdnn_act_array(act, ap, yr, yr, cols)
 
 
-cdef inline int _cdiv(int a, int b) noexcept nogil:
-    return (a + b - 1) // b
-
-
-cdef void _im2col(const float* xn, float* col, int K, int R, int C,
-                  int nr, int nc, int sy, int sx, int py, int px,
-                  int Co, int p0, int pw, isize ld) noexcept nogil:
-    """col (K*nr*nc rows, row stride ld): column t < pw holds the receptive
-    field of output pixel p0+t (row-major over (oy, ox)) of sample xn
-    (K, R, C); zero padding."""
-    cdef int k, i, j, p, oy, ox, iy, seg, t, lo, hi, a, e, ixs
-    cdef float* dst
-    cdef const float* src
-    for k in range(K):
-        for i in range(nr):
-            for j in range(nc):
-                dst = col + ((k * nr + i) * nc + j) * ld
-                # valid ox range for this j: 0 <= ox*sx - px + j < C
-                lo = _cdiv(px - j, sx) if px - j > 0 else 0
-                hi = (C - 1 + px - j) // sx + 1 if C - 1 + px - j >= 0 else 0
-                if hi > Co:
-                    hi = Co
-                p = p0
-                oy = p0 // Co
-                ox = p0 - oy * Co
-                while p < p0 + pw:
-                    seg = Co - ox
-                    if seg > p0 + pw - p:
-                        seg = p0 + pw - p
-                    iy = oy * sy - py + i
-                    if iy < 0 or iy >= R or hi <= lo:
-                        memset(dst, 0, seg * sizeof(float))
-                    else:
-                        src = xn + (k * R + iy) * <isize>C
-                        # [ox, ox+seg) = zeros [.., lo) copy [lo, hi) zeros [hi, ..)
-                        a = lo if lo > ox else ox
-                        e = hi if hi < ox + seg else ox + seg
-                        if a > e:
-                            a = e
-                        for t in range(ox, a):
-                            dst[t - ox] = 0.0
-                        ixs = a * sx - px + j
-                        if sx == 1:
-                            if e > a:
-                                memcpy(dst + (a - ox), src + ixs, (e - a) * sizeof(float))
-                        else:
-                            for t in range(a, e):
-                                dst[t - ox] = src[ixs + (t - a) * sx]
-                        for t in range(e, ox + seg):
-                            dst[t - ox] = 0.0
-                    dst += seg
-                    p += seg
-                    oy += 1
-                    ox = 0
+include "im2col.pxi"
 
 
 cdef struct ConvArgs:
@@ -513,8 +460,8 @@ def _conv_path_for(x_shape, w_shape, int stride_y, int stride_x, int pad_y, int 
     F, _, nr, nc = w_shape
     a.N, a.K, a.R, a.C, a.F, a.nr, a.nc = N, K, R, C, F, nr, nc
     a.sy, a.sx, a.py, a.px = stride_y, stride_x, pad_y, pad_x
-    a.Ro = 1 + (R + 2 * pad_y - nr) // stride_y
-    a.Co = 1 + (C + 2 * pad_x - nc) // stride_x
+    a.Ro = mdnn_out_size(R, nr, stride_y, pad_y, 1)
+    a.Co = mdnn_out_size(C, nc, stride_x, pad_x, 1)
     a.P = a.Ro * a.Co
     a.KRS = K * nr * nc
     return "implicit" if a.KRS > 0 and _use_implicit(&a) else "blas"
@@ -527,8 +474,8 @@ def _ig_plan_for(x_shape, w_shape, int stride_y, int stride_x, int pad_y, int pa
     F, _, nr, nc = w_shape
     g.c.N, g.c.K, g.c.R, g.c.C, g.c.F, g.c.nr, g.c.nc = N, K, R, C, F, nr, nc
     g.c.sy, g.c.sx, g.c.py, g.c.px = stride_y, stride_x, pad_y, pad_x
-    g.c.Ro = 1 + (R + 2 * pad_y - nr) // stride_y
-    g.c.Co = 1 + (C + 2 * pad_x - nc) // stride_x
+    g.c.Ro = mdnn_out_size(R, nr, stride_y, pad_y, 1)
+    g.c.Co = mdnn_out_size(C, nc, stride_x, pad_x, 1)
     g.c.P = g.c.Ro * g.c.Co
     g.c.KRS = K * nr * nc
     _ig_plan(&g, nt)
@@ -575,8 +522,8 @@ cdef int _conv(x, w, b, z, y, int stride_y, int stride_x, int pad_y, int pad_x, 
     if nr < 1 or nc < 1 or nr > R + 2 * pad_y or nc > C + 2 * pad_x:
         raise ValueError(f"{op}: filter {nr}x{nc} does not fit the padded input "
                          f"{R}x{C} (pad {pad_y}, {pad_x})")
-    Ro = 1 + (R + 2 * pad_y - nr) // stride_y
-    Co = 1 + (C + 2 * pad_x - nc) // stride_x
+    Ro = mdnn_out_size(R, nr, stride_y, pad_y, 1)
+    Co = mdnn_out_size(C, nc, stride_x, pad_x, 1)
     if _dim(ay, 0) != N or _dim(ay, 1) != F or _dim(ay, 2) != Ro or _dim(ay, 3) != Co:
         raise ValueError(f"{op}: y has shape {_shape(ay)}, expected {(N, F, Ro, Co)}")
     if b is not None:
@@ -645,8 +592,8 @@ def _conv_plan(x_shape, w_shape, int stride_y, int stride_x, int pad_y, int pad_
     N, K, R, C = x_shape
     F, _, nr, nc = w_shape
     a.N, a.K, a.R, a.C, a.F, a.nr, a.nc = N, K, R, C, F, nr, nc
-    a.Ro = 1 + (R + 2 * pad_y - nr) // stride_y
-    a.Co = 1 + (C + 2 * pad_x - nc) // stride_x
+    a.Ro = mdnn_out_size(R, nr, stride_y, pad_y, 1)
+    a.Co = mdnn_out_size(C, nc, stride_x, pad_x, 1)
     a.P = a.Ro * a.Co
     a.KRS = K * nr * nc
     a.direct = nr == 1 and nc == 1 and stride_y == 1 and stride_x == 1 and pad_y == 0 and pad_x == 0

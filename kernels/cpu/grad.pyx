@@ -46,51 +46,7 @@ cdef inline int _nthreads(double work, isize parts) noexcept nogil:
     return nt
 
 
-# ------------------------------------------------------------ im2col/col2im
-
-cdef void _im2col(const float* xn, float* col, int K, int R, int C, int nr, int nc,
-                  int sy, int sx, int py, int px, int Ro, int Co) noexcept nogil:
-    """col (K*nr*nc, Ro*Co): row (k, i, j) holds x[k, oy*sy-py+i, ox*sx-px+j] (0 outside)."""
-    cdef int k, i, j, oy, ox, iy, ix
-    cdef isize P = <isize>Ro * Co
-    cdef float* row
-    cdef const float* src
-    for k in range(K):
-        for i in range(nr):
-            for j in range(nc):
-                row = col + ((k * nr + i) * nc + j) * P
-                for oy in range(Ro):
-                    iy = oy * sy - py + i
-                    if iy < 0 or iy >= R:
-                        memset(row + oy * Co, 0, Co * sizeof(float))
-                        continue
-                    src = xn + (k * R + iy) * <isize>C
-                    for ox in range(Co):
-                        ix = ox * sx - px + j
-                        row[oy * Co + ox] = src[ix] if 0 <= ix < C else 0.0
-
-
-cdef void _col2im(const float* col, float* dxn, int K, int R, int C, int nr, int nc,
-                  int sy, int sx, int py, int px, int Ro, int Co) noexcept nogil:
-    """dxn (K, R, C) = 0, then += every column entry at the pixel it was read from."""
-    cdef int k, i, j, oy, ox, iy, ix
-    cdef isize P = <isize>Ro * Co
-    cdef const float* row
-    cdef float* dst
-    memset(dxn, 0, <isize>K * R * C * sizeof(float))
-    for k in range(K):
-        for i in range(nr):
-            for j in range(nc):
-                row = col + ((k * nr + i) * nc + j) * P
-                for oy in range(Ro):
-                    iy = oy * sy - py + i
-                    if iy < 0 or iy >= R:
-                        continue
-                    dst = dxn + (k * R + iy) * <isize>C
-                    for ox in range(Co):
-                        ix = ox * sx - px + j
-                        if 0 <= ix < C:
-                            dst[ix] += row[oy * Co + ox]
+include "im2col.pxi"
 
 
 # ------------------------------------------------------------------ conv2d
@@ -120,7 +76,7 @@ cdef tuple _conv_shapes(str op, cnp.ndarray ax, cnp.ndarray aw, cnp.ndarray ady,
         raise ValueError(f"{op}: w {_shape(aw)} does not match x {_shape(ax)} (channels)")
     if nr < 1 or nc < 1 or nr > R + 2 * py or nc > C + 2 * px:
         raise ValueError(f"{op}: filter {nr}x{nc} does not fit the padded input {R}x{C}")
-    cdef isize Ro = 1 + (R + 2 * py - nr) // sy, Co = 1 + (C + 2 * px - nc) // sx
+    cdef isize Ro = mdnn_out_size(R, nr, sy, py, 1), Co = mdnn_out_size(C, nc, sx, px, 1)
     if _dim(ady, 0) != N or _dim(ady, 1) != F or _dim(ady, 2) != Ro or _dim(ady, 3) != Co:
         raise ValueError(f"{op}: dy has shape {_shape(ady)}, expected {(N, F, Ro, Co)}")
     for v in (N, K * R * C, F * Ro * Co, K * nr * nc * Ro * Co, F * K * nr * nc):
@@ -209,7 +165,7 @@ cdef void _conv_param_part(const ConvG* a, int part, int lo, int hi) noexcept no
         if a.direct:
             col = <float*>a.x + <isize>n * a.K * a.R * a.C
         else:
-            _im2col(a.x + <isize>n * a.K * a.R * a.C, col, a.K, a.R, a.C, a.nr, a.nc,
+            _im2col_full(a.x + <isize>n * a.K * a.R * a.C, col, a.K, a.R, a.C, a.nr, a.nc,
                     a.sy, a.sx, a.py, a.px, a.Ro, a.Co)
         # column-major: dw^T (KRS x F) += col_n (KRS x P) * dy_n^T (P x F)
         sgemm(b"T", b"N", &KRS, &F, &P, &one, col, &P, <float*>dyn, &P, &one, dw, &KRS)
@@ -692,7 +648,7 @@ def _pool_grad(bint is_max, str op, x, dy, dx, int nr, int nc, int sy, int sx, i
             or nr > R + 2 * py or nc > C + 2 * px:
         raise ValueError(f"{op}: bad window {nr}x{nc}, stride ({sy}, {sx}), pad ({py}, {px}) "
                          f"for input {_shape(adx)}")
-    cdef isize Ro = 1 + (R + 2 * py - nr) // sy, Co = 1 + (C + 2 * px - nc) // sx
+    cdef isize Ro = mdnn_out_size(R, nr, sy, py, 1), Co = mdnn_out_size(C, nc, sx, px, 1)
     if _dim(ady, 0) != N or _dim(ady, 1) != K or _dim(ady, 2) != Ro or _dim(ady, 3) != Co:
         raise ValueError(f"{op}: dy has shape {_shape(ady)}, expected {(N, K, Ro, Co)}")
     _check_int(R * C, op)

@@ -126,8 +126,8 @@ cdef object _check_pool(str op, x, y, int nr, int nc, int stride_y, int stride_x
                          f"window {nr}x{nc}")
     if nr > R + 2 * pad_y or nc > C + 2 * pad_x:
         raise ValueError(f"{op}: window {nr}x{nc} does not fit the padded input {R}x{C}")
-    cdef isize Ro = 1 + (R + 2 * pad_y - nr) // stride_y
-    cdef isize Co = 1 + (C + 2 * pad_x - nc) // stride_x
+    cdef isize Ro = mdnn_out_size(R, nr, stride_y, pad_y, 1)
+    cdef isize Co = mdnn_out_size(C, nc, stride_x, pad_x, 1)
     if _dim(ay, 0) != N or _dim(ay, 1) != K or _dim(ay, 2) != Ro or _dim(ay, 3) != Co:
         raise ValueError(f"{op}: y has shape {_shape(ay)}, expected {(N, K, Ro, Co)}")
     _no_alias(ay, ax, op)
