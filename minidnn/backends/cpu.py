@@ -36,23 +36,32 @@ else:
 import numpy as np  # noqa: E402
 
 from minidnn import _cpu_conv, _cpu_eltwise, _cpu_pool  # noqa: E402
+from minidnn import ops as _ops  # noqa: E402
 from minidnn._sources import check_fresh  # noqa: E402
 
-check_fresh(_cpu_conv, _cpu_eltwise, _cpu_pool)
+KERNEL_MODULES = (_cpu_conv, _cpu_eltwise, _cpu_pool)
+check_fresh(*KERNEL_MODULES)
 
 name = "cpu"
 array_type = np.ndarray
 
-# the ops of minidnn/ops.py (tests/test_ops_contract.py checks every one is here)
-conv2d = _cpu_conv.conv2d
-conv2d_residual = _cpu_conv.conv2d_residual
-fc = _cpu_conv.fc
-affine = _cpu_eltwise.affine
-activation = _cpu_eltwise.activation
-add = _cpu_eltwise.add
-softmax = _cpu_eltwise.softmax
-max_pool = _cpu_pool.max_pool
-avg_pool = _cpu_pool.avg_pool
+
+def _collect(modules, grad):
+    """The ops of minidnn/ops.py (inference or training ones), each taken from the compiled
+    module that defines a function of its name (tests/test_ops_contract.py checks that
+    every op is found, with its declared signature)."""
+    found = {}
+    for op, spec in _ops.OPS.items():
+        if spec.grad == grad:
+            for m in modules:
+                fn = getattr(m, op, None)
+                if fn is not None:
+                    found[op] = fn
+                    break
+    return found
+
+
+globals().update(_collect(KERNEL_MODULES, grad=False))
 
 
 def empty(shape):
