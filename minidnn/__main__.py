@@ -1,9 +1,39 @@
 """Command line: python -m minidnn {demo, info, fuse, bench}."""
 import argparse
+import os
 import sys
 import time
 
 import numpy as np
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line ("prog: error: ..."), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text):
+    """argparse type: an integer >= 1 (else the one-line usage error, exit 2)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _shape3(text):
+    """argparse type: K,R,C, three integers >= 1."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be K,R,C (three positive integers), got {text!r}") from None
+    return shape
 
 
 def _median_ms(fn, x, repeat=20):
@@ -27,13 +57,9 @@ def demo_net():
 
 
 def load_digits():
-    """The 8x8 handwritten digits shipped in minidnn/data (UCI, CC BY 4.0; see its README):
-    images float32 (1797, 1, 8, 8) scaled to [0, 1], labels int64 (1797,)."""
-    import os
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "digits.npz")
-    with np.load(path, allow_pickle=False) as z:
-        images, labels = z["images"], z["labels"]
-    return (images.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8), labels.astype(np.int64)
+    """The 8x8 digits shipped in minidnn/data (see minidnn.data.load_digits)."""
+    from minidnn.data import load_digits as load
+    return load()
 
 
 def _accuracy(net, x, y):
@@ -110,13 +136,19 @@ def _fail(cmd, path, e):
 def _param_summary(layer):
     parts = []
     for p in layer.params:
-        a = getattr(layer, p, None)
+        a = getattr(layer, p)
         if a is not None:
             parts.append(f"{p} {'x'.join(str(d) for d in a.shape)}")
-    if getattr(layer, "running_mean", None) is not None:
-        parts.append(f"running stats {layer.running_mean.shape[0]}")
-    if getattr(layer, "k", None) is not None:
-        parts.append(f"k={layer.k}")
+    for p in layer.state:
+        a = getattr(layer, p)
+        if a is not None:
+            parts.append(f"{p} {'x'.join(str(d) for d in a.shape)}")
+    if layer.is_input:
+        shape = layer.input_shape()
+        if shape is not None:
+            parts.append(f"input {'x'.join(map(str, shape))} (K x R x C of the last input)")
+        elif layer.k is not None:
+            parts.append(f"input {layer.k} channels")
     return ", ".join(parts)
 
 
@@ -164,17 +196,18 @@ def cmd_fuse(args):
     return 0
 
 
+def _is_fused(net):
+    """Whether fuse() would change nothing (the net is already fused)."""
+    import minidnn as dnn
+    probe = dnn.deserialize(dnn.serialize(net))
+    before = dnn.serialize(probe)
+    dnn.fuse(probe)
+    return dnn.serialize(probe) == before
+
+
 def cmd_bench(args):
     """Median latency of a saved net (or the demo's net), unfused vs fused, on a device."""
     import minidnn as dnn
-    try:
-        shape = tuple(int(v) for v in args.shape.split(","))
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError
-    except ValueError:
-        print(f"minidnn bench: --shape must be K,R,C (three positive integers), got {args.shape!r}",
-              file=sys.stderr)
-        return 2
     if args.file:
         try:
             net = dnn.deserialize(args.file)
@@ -182,33 +215,48 @@ def cmd_bench(args):
             return _fail("bench", args.file, e)
     else:
         net = demo_net()
-    x = np.random.default_rng(0).standard_normal((args.batch,) + shape).astype(np.float32)
+    shape = args.shape
+    if shape is None:
+        shape = net.chain()[-1].layer_details().input_shape() if args.file else (1, 8, 8)
+        if shape is None:
+            print(f"minidnn bench: error: {args.file} does not say what input it takes (it never "
+                  f"ran a forward before it was saved): give --shape K,R,C", file=sys.stderr)
+            return 2
+    x = np.random.default_rng(0).standard_normal((args.batch,) + tuple(shape)).astype(np.float32)
     try:
         net.forward(x)                                   # setup (parameters of a new net)
+        fused_already = bool(args.file) and _is_fused(net)
         if args.device != "cpu":
             net.to(args.device)
-        rows = [("unfused", _median_ms(net.forward, x, args.repeat))]
-        dnn.fuse(net)
-        if args.device != "cpu":
-            net.to(args.device)
-        rows.append(("fused", _median_ms(net.forward, x, args.repeat)))
-    except (ValueError, RuntimeError, MemoryError) as e:
-        print(f"minidnn bench: {e}", file=sys.stderr)
+        first = "as saved (already fused)" if fused_already else "unfused"
+        rows = [(first, _median_ms(net.forward, x, args.repeat))]
+        if not fused_already:
+            dnn.fuse(net)
+            if args.device != "cpu":
+                net.to(args.device)
+            rows.append(("fused", _median_ms(net.forward, x, args.repeat)))
+    except (ValueError, RuntimeError, MemoryError, NotImplementedError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"minidnn bench: error: {msg}", file=sys.stderr)
         return 1
     print(f"{args.file or 'demo net'} on {args.device}, input {x.shape}, median of {args.repeat}:")
     for name, ms in rows:
         print(f"  {name:8s} {ms:9.3f} ms")
-    print(f"  fused is {rows[0][1] / rows[1][1]:.2f}x the speed of unfused")
+    if len(rows) == 2:
+        print(f"  fused is {rows[0][1] / rows[1][1]:.2f}x the speed of unfused")
     return 0
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minidnn", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    prog = "python -m minidnn" if script in ("", "__main__.py", "-c") else script
+    p = _Parser(prog=prog, description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     d = sub.add_parser("demo", help="train a small batch-norm CNN on the 8x8 digits, fuse it, "
                                     "save and reload it")
-    d.add_argument("--batch", type=int, default=16, help="batch size of the latency measurement")
-    d.add_argument("--epochs", type=int, default=20, help="training epochs")
+    d.add_argument("--batch", type=_positive_int, default=16,
+                   help="batch size of the latency measurement")
+    d.add_argument("--epochs", type=_positive_int, default=20, help="training epochs")
     d.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and "
                                                          "the shuffling")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -223,9 +271,11 @@ def main(argv=None):
     b = sub.add_parser("bench", help="median latency of a saved network (or the demo's), "
                                      "unfused vs fused")
     b.add_argument("file", nargs="?", help="a saved network (default: the demo's 1x8x8 CNN)")
-    b.add_argument("--shape", default="1,8,8", help="input K,R,C (default 1,8,8)")
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--repeat", type=int, default=50)
+    b.add_argument("--shape", type=_shape3, default=None,
+                   help="input K,R,C (default: the input shape stored in the file; 1,8,8 for the "
+                        "demo net)")
+    b.add_argument("--batch", type=_positive_int, default=1)
+    b.add_argument("--repeat", type=_positive_int, default=50)
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     b.set_defaults(fn=cmd_bench)
     args = p.parse_args(argv)

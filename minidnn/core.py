@@ -295,11 +295,13 @@ class input_tensor_(Layer):
 
     kind = "input_tensor"
     is_input = True
-    record = "input_tensor_1"
+    record = "input_tensor_2"
+    old_records = {"input_tensor_1": "read_record"}
 
     def __init__(self):
         super().__init__()
         self.k = None
+        self.nr = self.nc = None      # rows and columns of the last input (None: none yet)
 
     def to_tensor(self, x, device, index):
         """The float32 (N, K, R, C) array for the user's input x (an array on ``device``);
@@ -323,16 +325,26 @@ class input_tensor_(Layer):
             raise ShapeError(f"expected input with {self.k} channels (K) as at setup, "
                              f"got shape {in_shape}")
         self.k = in_shape[1]
+        self.nr, self.nc = in_shape[2], in_shape[3]
+
+    def input_shape(self):
+        """(K, R, C) of the last input, or None before the first forward."""
+        return None if self.k is None or self.nr is None else (self.k, self.nr, self.nc)
 
     def write_record(self, w):
         w.bool(self.disabled)
         w.u32("k", 0 if self.k is None else self.k)
+        w.u32("nr", 0 if self.nr is None else self.nr)
+        w.u32("nc", 0 if self.nc is None else self.nc)
 
     @classmethod
     def read_record(cls, r, tag):
+        """input_tensor_2: disabled, k, nr, nc (0: unknown); input_tensor_1 has no nr, nc."""
         disabled = r.bool("disabled")
         layer = cls()
         layer.k = r.u32("k") or None
+        if tag != "input_tensor_1":
+            layer.nr, layer.nc = r.u32("nr") or None, r.u32("nc") or None
         if disabled:
             layer.disable()
         return layer
@@ -465,7 +477,7 @@ class Node:
 
     def __call__(self, x):
         out = self.forward(x)
-        return self._layer.to_label(out) if self._layer.is_loss else out
+        return self._layer.labels(out) if self._layer.is_loss else out
 
     # -- printing ----------------------------------------------------------
     def __str__(self):

@@ -22,9 +22,27 @@ class Loss(Layer):
 
     is_loss = True
     output_mode = None
+    check_finite = True       # net(x) raises ValueError for a sample whose scores are NaN/inf
 
     def to_label(self, out):
         return out
+
+    def labels(self, out):
+        """What ``net(x)`` returns: to_label(out), after refusing (ValueError naming the
+        sample) a sample whose scores are not finite, which would otherwise give a
+        valid-looking label; ``check_finite = False`` skips the check."""
+        if self.check_finite:
+            flat = out.reshape(out.shape[0], -1)
+            bad = np.flatnonzero(~np.isfinite(flat).all(axis=1))
+            if bad.size:
+                raise ValueError(
+                    f"{self.kind}: the network's output for sample {bad[0]} is not finite (NaN or "
+                    f"inf; {bad.size} such samples in all; does the input hold NaN or inf?), so it "
+                    f"has no {self.label_name}; set net.layer_details().check_finite = False to "
+                    f"skip this check")
+        return self.to_label(out)
+
+    label_name = "label"
 
     def check_labels(self, y, n, out_shape):
         raise NotImplementedError(f"{self.kind}: check_labels")

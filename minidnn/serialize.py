@@ -35,8 +35,11 @@ from . import loss as _loss  # noqa: F401
 from .layers.common import CONV, FC
 
 MAGIC = b"MINIDNN\x00"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct("<8sII")          # magic, format version, record count
+FORMAT_VERSION = 2
+_HEADER_V1 = struct.Struct("<8sII")       # magic, format version, record count
+_HEADER = struct.Struct("<8sIIQ")         # ... and (version 2) the file's length in bytes
+_READ_VERSIONS = (1, 2)
+_V1_MAX_BYTES = 1 << 34                   # a version-1 stream is read to its end, up to this
 _RECORD_HEAD_MAX_TAG = 64
 _MAX_NDIM = 8
 
@@ -336,14 +339,7 @@ def _encode(net, out):
                                      f"{type(l).__name__} (see minidnn.serialize.register)")
         tags.append(tag)
     _check_structure(layers, lambda i: f"layer<{i}> record {tags[i]!r}")
-    crc = 0
-
-    def put(b):
-        nonlocal crc
-        crc = zlib.crc32(b, crc)
-        out.write(b)
-
-    put(_HEADER.pack(MAGIC, FORMAT_VERSION, len(layers)))
+    chunks = []
     for i, (l, tag) in enumerate(zip(layers, tags)):
         rec = RECORDS[tag]
         try:
@@ -355,8 +351,15 @@ def _encode(net, out):
         except SerializationError as e:
             raise SerializationError(f"layer<{i}> record {tag!r}: {e}") from None
         t = tag.encode("ascii")
-        put(struct.pack("<B", len(t)) + t + struct.pack("<Q", len(payload)))
-        put(payload)
+        chunks.append(struct.pack("<B", len(t)) + t + struct.pack("<Q", len(payload)))
+        chunks.append(payload)
+    length = _HEADER.size + sum(len(c) for c in chunks) + 4
+    head = _HEADER.pack(MAGIC, FORMAT_VERSION, len(layers), length)
+    crc = zlib.crc32(head)
+    out.write(head)
+    for c in chunks:
+        crc = zlib.crc32(c, crc)
+        out.write(c)
     out.write(struct.pack("<I", crc))
 
 
@@ -373,28 +376,101 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
-def serialize(net, dest):
+def serialize(net, dest=None, *, overwrite=False):
     """Save ``net`` (its whole structure, settings and parameters) to ``dest``: a path or a
-    binary file object open for writing.
+    binary file object open for writing; with no ``dest``, return the file's bytes.
 
     Saving to a path is atomic: the file is written under a temporary name in the
-    same folder, flushed and fsync'ed, then renamed over ``dest``; if anything fails
-    the previous file is untouched and the temporary file removed. Raises
-    SerializationError for a network the format cannot hold (an unregistered layer
-    class, a skip without its tag, parameters of the wrong shape).
+    same folder (``.NAME.<random>.tmp``, locked while it is written), flushed and
+    fsync'ed, then renamed over ``dest``; if anything fails the previous file is
+    untouched and the temporary file removed. A temporary file of the same target
+    left by a save that was killed (its lock is gone) is removed by the next save.
+    A read-only ``dest`` is refused unless ``overwrite=True`` (as ``cp`` does).
+    Raises SerializationError for a network the format cannot hold (an unregistered
+    layer class, a skip without its tag, parameters of the wrong shape), and
+    OSError naming ``dest`` when it cannot be written.
     """
+    if dest is None:
+        buf = io.BytesIO()
+        _encode(net, buf)
+        return buf.getvalue()
     if hasattr(dest, "write"):
         _encode(net, dest)
-        return
-    atomic_write(dest, lambda f: _encode(net, f))
+        return None
+    atomic_write(dest, lambda f: _encode(net, f), overwrite=overwrite)
+    return None
 
 
-def atomic_write(path, write):
+_TMP_RE = re.compile(r"\.(?P<base>.+)\.[0-9a-f]{8}\.tmp\Z")
+
+
+def _lock(fd):
+    """An exclusive lock on an open file, without waiting; False when someone holds it."""
+    try:
+        import fcntl
+    except ImportError:             # no fcntl (Windows): temp files are never reclaimed
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def remove_stale_temp_files(path):
+    """Remove the temporary files of ``path``'s earlier saves that died before renaming
+    (``.NAME.<8 hex>.tmp`` in its folder, for the same NAME, that no live save holds
+    locked). Returns the paths removed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TMP_RE.match(name)
+        if m is None or m.group("base") != base:
+            continue
+        tmp = os.path.join(folder, name)
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if _lock(fd):           # nobody writes it: a dead save's leftover
+                os.unlink(tmp)
+                removed.append(tmp)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _check_target(path, overwrite):
+    """OSError naming the user's path when it cannot be the target of a save."""
+    if path == "":
+        raise IsADirectoryError("cannot save to '': expected a file path")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot save to {path!r}: it is a directory (expected a file path)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot save to {path!r}: the folder {folder!r} does not exist")
+    if os.path.exists(path) and not os.access(path, os.W_OK) and not overwrite:
+        raise PermissionError(f"cannot save to {path!r}: the file is read-only "
+                              f"(pass overwrite=True to replace it anyway)")
+
+
+def atomic_write(path, write, overwrite=False):
     """Write a file atomically: ``write(f)`` fills a temporary file in the same folder
-    (binary), which is flushed, fsync'ed and renamed over ``path``; the folder is
-    fsync'ed too. If anything fails, the previous file is untouched and the
-    temporary file removed."""
+    (binary, locked while it is written), which is flushed, fsync'ed and renamed over
+    ``path``; the folder is fsync'ed too. If anything fails, the previous file is
+    untouched and the temporary file removed; temporary files of earlier saves of
+    ``path`` that were killed are removed first (remove_stale_temp_files)."""
     path = os.fspath(path)
+    _check_target(path, overwrite)
+    remove_stale_temp_files(path)
     folder = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
     while True:
@@ -404,16 +480,21 @@ def atomic_write(path, write):
             break
         except FileExistsError:
             continue
+        except OSError as e:
+            raise type(e)(e.errno, f"cannot save to {path!r}: {e.strerror}") from None
+    _lock(fd)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        try:                        # keep the permissions of the file being replaced
-            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
-        except OSError:
-            pass
-        os.replace(tmp, path)
+            try:                    # keep the permissions of the file being replaced
+                os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode) | stat.S_IWUSR)
+                if not os.access(path, os.W_OK):     # overwrite=True of a read-only file
+                    os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+            except OSError:
+                pass
+            os.replace(tmp, path)   # renamed while still locked: no one can mistake it
     except BaseException:
         try:
             os.unlink(tmp)
@@ -433,20 +514,15 @@ def _decode(data, check_crc=True):
     """Parse a whole file. Returns (net, format_version, [record tag per layer, top first])."""
     data = memoryview(data).cast("B")
     size = len(data)
-    if size < _HEADER.size:
-        raise SerializationError(f"header: the file has {size} bytes, too short for a minidnn "
-                                 f"header ({_HEADER.size} bytes)")
-    magic, version, count = _HEADER.unpack_from(data, 0)
-    if magic != MAGIC:
-        raise SerializationError(f"header: wrong magic {bytes(magic)!r}: not a minidnn file "
-                                 f"(expected {MAGIC!r})")
-    if version != FORMAT_VERSION:
-        raise SerializationError(f"header: unsupported format version {version} "
-                                 f"(this minidnn reads version {FORMAT_VERSION})")
+    version, count, head = _parse_header(data)
+    if version >= 2:
+        length = struct.unpack_from("<Q", data, _HEADER_V1.size)[0]
+        if length != size:
+            raise SerializationError(f"header: the file declares {length} bytes but has {size}")
     # the smallest record is 1 + 1 + 8 bytes (a 1-letter tag, an empty payload)
-    if count < 1 or count * 10 > size - _HEADER.size - 4:
+    if count < 1 or count * 10 > size - head - 4:
         raise SerializationError(f"header: record count {count} is impossible for a file of {size} bytes")
-    pos = _HEADER.size
+    pos = head
     end = size - 4                                  # the CRC trailer
     layers, tags = [], []
     for i in range(count):
@@ -500,21 +576,91 @@ def _decode(data, check_crc=True):
     return net, version, tags
 
 
-def _read_all(src):
-    if hasattr(src, "read"):
-        data = src.read()
-        if not isinstance(data, (bytes, bytearray, memoryview)):
+def _parse_header(data):
+    """(version, record count, header size) of a file whose first bytes are ``data``."""
+    size = len(data)
+    if size < _HEADER_V1.size:
+        raise SerializationError(f"header: the file has {size} bytes, too short for a minidnn "
+                                 f"header ({_HEADER_V1.size} bytes)")
+    magic, version, count = _HEADER_V1.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise SerializationError(f"header: wrong magic {bytes(magic)!r}: not a minidnn file "
+                                 f"(expected {MAGIC!r})")
+    if version not in _READ_VERSIONS:
+        raise SerializationError(f"header: unsupported format version {version} "
+                                 f"(this minidnn reads versions {', '.join(map(str, _READ_VERSIONS))})")
+    head = _HEADER.size if version >= 2 else _HEADER_V1.size
+    if size < head:
+        raise SerializationError(f"header: the file has {size} bytes, too short for a version "
+                                 f"{version} header ({head} bytes)")
+    return version, count, head
+
+
+def _read_exactly(f, n, what):
+    """n bytes from f (chunk by chunk: a short stream raises, an endless one is not read past)."""
+    parts, got = [], 0
+    while got < n:
+        b = f.read(min(n - got, 1 << 24))
+        if not isinstance(b, (bytes, bytearray)):
             raise TypeError("deserialize: the file must be opened in binary mode ('rb')")
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
+def _read_file(f):
+    """The bytes of one minidnn file from the binary stream f, reading no more than its
+    header declares (version 2), or, for version 1, its end (at most _V1_MAX_BYTES)."""
+    first = _read_exactly(f, _HEADER.size, "header")
+    version, _, _ = _parse_header(first)          # a wrong magic stops here: /dev/zero too
+    if version >= 2:
+        length = struct.unpack_from("<Q", first, _HEADER_V1.size)[0]
+        if length < _HEADER.size + 4:
+            raise SerializationError(f"header: declared length {length} is too short for a file")
+        size = _file_size(f)
+        if size is not None and length > size:
+            raise SerializationError(f"header: the file declares {length} bytes but has {size}")
+        if length > _V1_MAX_BYTES and size is None:
+            raise SerializationError(f"header: declared length {length} exceeds what a stream may hold")
+        rest = _read_exactly(f, length - _HEADER.size, "file")
+        data = first + rest
+        if len(data) < length:
+            raise SerializationError(f"the file ends after {len(data)} bytes, before the "
+                                     f"{length} its header declares")
+        if f.read(1):
+            raise SerializationError(f"trailer: unexpected bytes after the {length} bytes the "
+                                     f"header declares")
         return data
+    data = first + _read_exactly(f, _V1_MAX_BYTES, "file")
+    if len(data) > _V1_MAX_BYTES:
+        raise SerializationError("a version-1 stream longer than 16 GiB is refused")
+    return data
+
+
+def _file_size(f):
+    try:
+        st = os.fstat(f.fileno())
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _read_all(src):
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return src
+    if hasattr(src, "read"):
+        return _read_file(src)
     with open(os.fspath(src), "rb") as f:
-        return f.read()
+        return _read_file(f)
 
 
 def deserialize(src):
-    """Load a network saved by :func:`serialize` from ``src``: a path or a binary file
-    object (read to its end). Needs no code from the user: the file holds the whole
-    structure. Raises SerializationError for anything that is not a valid file
-    (OSError when the file cannot be read)."""
+    """Load a network saved by :func:`serialize` from ``src``: the file's bytes, a path, or
+    a binary file object (read up to the end of the file its header declares). Needs no
+    code from the user: the file holds the whole structure. Raises SerializationError
+    for anything that is not a valid file (OSError when the file cannot be read)."""
     return _decode(_read_all(src))[0]
 
 

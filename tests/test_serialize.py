@@ -304,7 +304,7 @@ def test_hand_made_file_loads():
 BAD = {
     "empty": (b"", "header"),
     "wrong magic": (file_of([RELU, INPUT], magic=b"MINIDNX\x00"), "header: wrong magic"),
-    "format version 2": (file_of([RELU, INPUT], version=2), "header: unsupported format version 2"),
+    "format version 3": (file_of([RELU, INPUT], version=3), "header: unsupported format version 3"),
     "format version 0": (file_of([RELU, INPUT], version=0), "header: unsupported format version 0"),
     "count 0": (file_of([], count=0), "header: record count 0"),
     "count huge": (file_of([RELU, INPUT], count=0xFFFFFFFF), "header: record count 4294967295"),
@@ -569,13 +569,13 @@ def test_cli_info(tmp_path):
     r = run_cli("info", str(path))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert "format version 1" in lines[0] and f"{len(net)} layers" in lines[0]
+    assert "format version 2" in lines[0] and f"{len(net)} layers" in lines[0]
     assert f"{dnn.count_parameters(net)} parameters" in lines[0]
     assert len(lines) == 1 + len(net)
     assert lines[1].startswith("layer<0>") and "[loss_multiclass_log_1]" in lines[1]
     assert any("(disabled)" in l and "[affine_2]" in l for l in lines)
     assert any("fused_relu" in l and "[con_2]" in l and "params: filters 4x3x3x3" in l for l in lines)
-    assert "[input_tensor_1]: k=3" in lines[-1]
+    assert "[input_tensor_2]: input 3x" in lines[-1]
     r = run_cli("info", os.path.join(DATA, "affine_1.mdnn"))
     assert r.returncode == 0 and r.stdout.count("[affine_1]") == 2
 

@@ -58,56 +58,154 @@ def save(self, path):
             arrays[f"solver/{key}/{name}"] = a
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
-def load(self, path):
-    """Restore trainer ``self`` from the checkpoint at ``path`` (ValueError when it is
-    not one, or was written for another net, data set or solver)."""
+class InconsistentCheckpoint(ValueError):
+    """A synchronisation file that is readable but does not describe a training state
+    this trainer can resume exactly (hand-edited, or damaged inside a valid zip)."""
+
+
+def _need(cond, path, what):
+    if not cond:
+        raise InconsistentCheckpoint(f"dnn_trainer: inconsistent checkpoint {path}: {what}")
+
+
+def _is_int(v, lo=0, hi=None):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def read(path):
+    """(state dict, arrays dict, the saved net) of the file at ``path``; ValueError when it
+    is not a readable synchronization file."""
     from ..serialize import deserialize
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         state = json.loads(arrays["state"].tobytes().decode())
-        saved_net = deserialize(io.BytesIO(arrays["net"].tobytes()))
+        saved_net = deserialize(arrays["net"].tobytes())
     except Exception as e:
         raise ValueError(f"dnn_trainer: {path} is not a readable synchronization file: "
                          f"{type(e).__name__}: {e}") from None
+    _need(isinstance(state, dict), path, "the state is not a JSON object")
     if state.get("version") != SYNC_VERSION:
         raise ValueError(f"dnn_trainer: {path}: unsupported synchronization file version "
                          f"{state.get('version')!r}")
-    fp = state["fingerprint"]
-    if fp != self._fingerprint:
-        raise ValueError(f"dnn_trainer: {path} was written for another net or data set "
-                         f"(file: layers {fp['layers']}, x {fp['x_shape']}; now: layers "
-                         f"{self._fingerprint['layers']}, x {self._fingerprint['x_shape']}); "
-                         f"remove it or use another file")
+    return state, arrays, saved_net
+
+
+def describe_mismatch(saved, now):
+    """What differs between two fingerprints, in words (empty when they match)."""
+    out = []
+    for key, what in (("layers", "the net's layers"), ("x_shape", "the shape of x"),
+                      ("y_shape", "the shape of the labels"), ("x_sha256", "the data x"),
+                      ("y_sha256", "the labels")):
+        if saved.get(key) != now.get(key):
+            if key.endswith("sha256"):
+                out.append(f"{what} (a hash of their bytes)")
+            else:
+                out.append(f"{what} ({saved.get(key)} in the file, {now.get(key)} now)")
+    return out
+
+
+def load(self, path, state, arrays, saved_net):
+    """Restore trainer ``self`` from the checkpoint read from ``path`` (read()), after
+    checking that it is complete and consistent with the net: InconsistentCheckpoint
+    otherwise; nothing is changed unless everything fits."""
+    n = self._n_samples
+    # -- the state, field by field
+    for key in ("fingerprint", "solver", "settings", "epoch", "pos", "steps", "losses",
+                "epoch_loss", "last_epoch_loss", "steps_without_progress", "rng",
+                "bn_num_updates", "solver_keys"):
+        _need(key in state, path, f"the state has no {key!r}")
+    s = state["settings"]
+    _need(isinstance(s, dict) and _is_num(s.get("learning_rate")) and s["learning_rate"] > 0,
+          path, "settings.learning_rate is not a positive number")
+    _need(isinstance(state["solver"], dict) and state["solver"].get("name") in ("sgd", "adam"),
+          path, "solver.name is not sgd or adam")
     if state["solver"]["name"] != self.solver.name:
         raise ValueError(f"dnn_trainer: {path} was written by the {state['solver']['name']} solver, "
                          f"this trainer uses {self.solver.name}")
-    # parameters and running statistics, copied in place (the compiled program keeps them)
-    for i, (mine, theirs) in enumerate(zip(self.net.chain(), saved_net.chain())):
-        a, b = mine.layer_details(), theirs.layer_details()
-        for name in tuple(a.params) + ("running_mean", "running_var"):
-            pa, pb = getattr(a, name, None), getattr(b, name, None)
-            if pa is None or pb is None:
+    _need(_is_int(state["epoch"]), path, f"epoch {state['epoch']!r} is not an integer >= 0")
+    _need(_is_int(state["pos"], 0, n), path, f"pos {state['pos']!r} is not in [0, {n}]")
+    _need(_is_int(state["steps"]), path, f"steps {state['steps']!r} is not an integer >= 0")
+    _need(isinstance(state["losses"], list) and all(_is_num(v) for v in state["losses"]),
+          path, "losses is not a list of finite numbers")
+    el = state["epoch_loss"]
+    _need(isinstance(el, list) and len(el) == 2 and _is_num(el[0]) and _is_int(el[1]), path,
+          "epoch_loss is not [sum, count]")
+    lel = state["last_epoch_loss"]
+    _need(lel is None or _is_num(lel), path, "last_epoch_loss is not a number")
+    _need(_is_int(state["steps_without_progress"]), path, "steps_without_progress is not an integer")
+    rng = np.random.default_rng()
+    try:
+        rng.bit_generator.state = state["rng"]
+    except Exception as e:
+        raise InconsistentCheckpoint(f"dnn_trainer: inconsistent checkpoint {path}: the RNG state "
+                                     f"is not one ({type(e).__name__}: {e})") from None
+    perm = arrays.get("perm")
+    if perm is not None:
+        _need(perm.dtype == np.int64 and perm.shape == (n,) and
+              np.array_equal(np.sort(perm), np.arange(n)), path,
+              f"perm is not a permutation of the {n} samples")
+    else:
+        _need(state["pos"] == 0, path, "pos is not 0 but there is no permutation (perm)")
+    # -- the net: the same structure and shapes
+    mine, theirs = self.net.chain(), saved_net.chain()
+    _need(len(mine) == len(theirs), path, f"the file's net has {len(theirs)} layers, this net {len(mine)}")
+    pairs = []
+    for i, (a_node, b_node) in enumerate(zip(mine, theirs)):
+        a, b = a_node.layer_details(), b_node.layer_details()
+        _need(type(a) is type(b), path, f"layer<{i}> is a {b.kind} in the file, a {a.kind} in the net")
+        for name in tuple(a.params) + tuple(a.state):
+            pa, pb = getattr(a, name), getattr(b, name)
+            if pa is None and pb is None:
                 continue
-            if pa.shape != pb.shape:
-                raise ValueError(f"dnn_trainer: {path}: layer<{i}> {a.kind} {name} has shape "
-                                 f"{pb.shape} in the file, {pa.shape} in the net")
-            np.copyto(pa, pb)
+            _need(pa is not None and pb is not None and pa.shape == pb.shape, path,
+                  f"layer<{i}> {a.kind} {name} has shape {None if pb is None else pb.shape} in the "
+                  f"file, {None if pa is None else pa.shape} in the net")
+            pairs.append((pa, pb))
+    bn_updates = state["bn_num_updates"]
+    _need(isinstance(bn_updates, dict) and all(_is_int(v, 0, bn_.running_stats_window_size)
+                                               for v in bn_updates.values()), path,
+          "bn_num_updates is not a map of integers in [0, 100]")
+    # -- the solver: one state per learnable array, of its shape, never reset
+    params = {key: p for key, layer, name, p, g in self._tape.parameters()}
+    keys = state["solver_keys"]
+    _need(isinstance(keys, list) and all(isinstance(k, str) for k in keys), path,
+          "solver_keys is not a list of names")
+    _need(set(keys) <= set(params), path, f"solver state for arrays the net does not have: "
+          f"{sorted(set(keys) - set(params))}")
+    if state["steps"] > 0:
+        _need(set(keys) == set(params), path, f"no solver state for {sorted(set(params) - set(keys))} "
+              f"after {state['steps']} steps")
+    want = {"sgd": ("v",), "adam": ("m", "v", "t")}[self.solver.name]
+    solver_state = {}
+    for key in keys:
+        prefix = f"solver/{key}/"
+        st = {k[len(prefix):]: np.array(v) for k, v in arrays.items() if k.startswith(prefix)}
+        _need(set(st) == set(want), path, f"solver state of {key} has {sorted(st)}, expected {list(want)}")
+        for name in want:
+            if name == "t":
+                _need(st["t"].shape == (1,) and st["t"].dtype == np.int64 and st["t"][0] >= 1, path,
+                      f"solver state {key}/t is not one step count >= 1")
+            else:
+                _need(st[name].shape == params[key].shape and st[name].dtype == np.float32, path,
+                      f"solver state {key}/{name} has shape {st[name].shape} ({st[name].dtype}), "
+                      f"the parameter {params[key].shape} (float32)")
+        solver_state[key] = st
+    # -- everything fits: apply (parameters copied in place: the compiled program keeps them)
+    for pa, pb in pairs:
+        np.copyto(pa, pb)
     for i, l in _bn_layers(self.net):
-        l.num_updates = int(state["bn_num_updates"].get(str(i), 0))
-    s = state["settings"]
-    self._learning_rate = s["learning_rate"]
+        l.num_updates = int(bn_updates.get(str(i), 0))
+    self._learning_rate = float(s["learning_rate"])
     self.epoch, self._pos, self._steps = state["epoch"], state["pos"], state["steps"]
     self._losses = collections.deque(state["losses"])
-    self._epoch_loss = list(state["epoch_loss"])
-    lel = state["last_epoch_loss"]
-    self._last_epoch_loss = float("nan") if lel is None else lel
+    self._epoch_loss = list(el)
+    self._last_epoch_loss = float("nan") if lel is None else float(lel)
     self._steps_without_progress = state["steps_without_progress"]
-    self._rng = np.random.default_rng()
-    self._rng.bit_generator.state = state["rng"]
-    self._perm = arrays.get("perm")
-    self.solver.state = {}
-    for key in state["solver_keys"]:
-        prefix = f"solver/{key}/"
-        self.solver.state[key] = {k[len(prefix):]: np.array(v) for k, v in arrays.items()
-                                  if k.startswith(prefix)}
+    self._rng = rng
+    self._perm = perm
+    self.solver.state = solver_state

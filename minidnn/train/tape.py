@@ -99,6 +99,9 @@ class Tape:
                     y = layer.forward_train(ctx, x)
                 except ShapeError as e:
                     raise LayerError(f"layer<{ctx.index}> {layer.kind}: {e}") from None
+                except MemoryError as e:
+                    raise MemoryError(f"layer<{ctx.index}> {layer.kind}: out of memory in the "
+                                      f"training forward: {e}") from None
             ctx.y = x = y
         return x
 

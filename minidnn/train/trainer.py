@@ -18,6 +18,7 @@ train/sync.py's. GPU training is not supported yet: a net on "cuda" raises
 NotImplementedError.
 """
 import collections
+import hashlib
 import math
 import os
 import sys
@@ -212,8 +213,11 @@ class dnn_trainer:
             raise ValueError(f"dnn_trainer: x must have dtype float32, got {x.dtype}")
         if x.shape[0] < 1 or min(x.shape) < 1:
             raise ValueError(f"dnn_trainer: x is empty: shape {x.shape}")
-        if not np.all(np.isfinite(x)):
-            raise ValueError("dnn_trainer: x contains NaN or infinity")
+        finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise ValueError(f"dnn_trainer: sample {bad[0]} of x contains NaN or infinity "
+                             f"({bad.size} such samples in all)")
         if len(y) != x.shape[0]:
             raise ValueError(f"dnn_trainer: got {x.shape[0]} samples but {len(y)} labels")
 
@@ -285,20 +289,27 @@ class dnn_trainer:
         else:
             self._steps_without_progress = 0
 
-    def train(self, x, y):
+    def train(self, x, y, *, ignore_fingerprint=False):
         """Train on samples x (N, K, R, C) float32 and labels y (N,) (loss_multiclass_log:
         integers in [0, K); loss_mean_squared: targets, (N,) or (N, outputs)) until
         ``max_num_epochs`` epochs are done or the learning rate falls below
-        ``min_learning_rate``. Returns self."""
+        ``min_learning_rate``. Returns self.
+
+        With a synchronisation file that exists, training resumes from it and says so
+        on stderr ("resuming from FILE at epoch E, step S", or that it had already
+        finished). A file written for another net, other data or other labels (a
+        hash of their bytes is kept) is refused with ValueError, unless
+        ``ignore_fingerprint=True``; changed trainer settings are reported and used."""
         self._check_data(x, y)
         self._out_shape = out_shape = self._setup(x)
         n = x.shape[0]
         y = self.net.layer_details().check_labels(y, n, out_shape)
         self._tape = Tape(self.net)
+        self._n_samples = n
         self._fingerprint = self._make_fingerprint(x, y)
-        if self._sync_path is not None and os.path.exists(self._sync_path):
-            self._load_sync(self._sync_path)
         stream = self.stream if self.stream is not None else sys.stderr
+        if self._sync_path is not None and os.path.exists(self._sync_path):
+            self._resume(self._sync_path, stream, ignore_fingerprint)
         progress = Progress(stream) if self.verbose else None
         last_sync = time.monotonic()
         mb = self._mini_batch_size
@@ -333,12 +344,52 @@ class dnn_trainer:
         return self
 
     # -- synchronization --------------------------------------------------------
+    def _settings(self):
+        return {"learning_rate": self._learning_rate, "min_learning_rate": self._min_learning_rate,
+                "mini_batch_size": self._mini_batch_size, "max_num_epochs": self._max_num_epochs,
+                "iterations_without_progress_threshold": self._threshold,
+                "learning_rate_shrink_factor": self._shrink, "seed": self.seed,
+                "solver": repr(self.solver)}
+
     def _make_fingerprint(self, x, y):
+        """What a checkpoint must have been written for: the net's layers, the data and
+        labels (shapes and a hash of their bytes), and the settings the run started with."""
         kinds = [n.layer_details().kind for n in self.net.chain()]
-        return {"layers": kinds, "x_shape": list(x.shape), "y_shape": list(y.shape)}
+        return {"layers": kinds, "x_shape": list(x.shape), "y_shape": list(y.shape),
+                "x_sha256": hashlib.sha256(np.ascontiguousarray(x).data).hexdigest(),
+                "y_sha256": hashlib.sha256(np.ascontiguousarray(y).data).hexdigest(),
+                "settings": self._settings()}
+
+    def _resume(self, path, stream, ignore_fingerprint):
+        state, arrays, saved_net = sync.read(path)
+        saved = state.get("fingerprint")
+        if not isinstance(saved, dict):
+            raise sync.InconsistentCheckpoint(f"dnn_trainer: inconsistent checkpoint {path}: "
+                                              f"it has no fingerprint")
+        diff = sync.describe_mismatch(saved, self._fingerprint)
+        if diff and not ignore_fingerprint:
+            raise ValueError(f"dnn_trainer: {path} was written for another net or data set: "
+                             f"{'; '.join(diff)} differ. Remove the file (or use another) to start "
+                             f"again, or pass ignore_fingerprint=True to resume from it anyway")
+        mine = dict(self._fingerprint)
+        start = saved.get("settings") or {}
+        changed = [f"{k} {start.get(k)!r} -> {v!r}" for k, v in self._fingerprint["settings"].items()
+                   if start.get(k, v) != v]
+        sync.load(self, path, state, arrays, saved_net)
+        # a resumed run keeps the fingerprint it started with (its first settings)
+        self._fingerprint = dict(saved, **{k: mine[k] for k in mine if k != "settings"})
+        done = not (self.epoch < self._max_num_epochs and self._learning_rate >= self._min_learning_rate)
+        if done:
+            stream.write(f"dnn_trainer: {path}: training already finished (epoch {self.epoch}, "
+                         f"step {self._steps}, learning rate {self._learning_rate:g}); returning "
+                         f"the trained net. Remove the file to train again.\n")
+        else:
+            stream.write(f"dnn_trainer: resuming from {path} at epoch {self.epoch + 1}, "
+                         f"step {self._steps}\n")
+        if changed:
+            stream.write(f"dnn_trainer: settings changed since the run started: "
+                         f"{', '.join(changed)}\n")
+        stream.flush()
 
     def _save_sync(self, path):
         sync.save(self, path)
-
-    def _load_sync(self, path):
-        sync.load(self, path)
