@@ -35,12 +35,19 @@ else:
 
 import numpy as np  # noqa: E402
 
-from minidnn import _cpu_conv, _cpu_eltwise, _cpu_pool  # noqa: E402
+import importlib  # noqa: E402
+import pkgutil  # noqa: E402
+
+import minidnn  # noqa: E402
 from minidnn import ops as _ops  # noqa: E402
 from minidnn._sources import check_fresh  # noqa: E402
 
-KERNEL_MODULES = (_cpu_conv, _cpu_eltwise, _cpu_pool)
+# every compiled kernels/cpu/NAME.pyx: the extension module minidnn._cpu_NAME
+KERNEL_MODULES = tuple(importlib.import_module(f"minidnn.{m.name}")
+                       for m in sorted(pkgutil.iter_modules(minidnn.__path__), key=lambda m: m.name)
+                       if m.name.startswith("_cpu_"))
 check_fresh(*KERNEL_MODULES)
+_cpu_conv = importlib.import_module("minidnn._cpu_conv")
 
 name = "cpu"
 array_type = np.ndarray
