@@ -47,6 +47,89 @@ def relu(x):
     return np.maximum(x, 0)
 
 
+def add(a, b):
+    return a.astype(np.float64) + b.astype(np.float64)
+
+
+def affine(x, gamma, beta):
+    """y = x * gamma[k] + beta[k] per channel k of x (N, K, R, C)."""
+    return (x.astype(np.float64) * gamma.astype(np.float64)[None, :, None, None]
+            + beta.astype(np.float64)[None, :, None, None])
+
+
+# ------------------------------------------------------------- backward passes
+# Each is the adjoint of the forward above written with the same loop
+# structure (so that it is obviously the transpose), in float64.
+
+def conv2d_grad_data(dy, w, x_shape, sy, sx, py, px):
+    """dx = d sum(dy * conv2d(x, w)) / dx: every tap (a, c) of conv2d read
+    xpad[n, k, i*sy + a, j*sx + c] with weight w[f, k, a, c]; add dy back there."""
+    dy = dy.astype(np.float64)
+    w = w.astype(np.float64)
+    n, k, r, c = x_shape
+    f, _, nr, nc = w.shape
+    ro, co = dy.shape[2], dy.shape[3]
+    dxp = np.zeros((n, k, r + 2 * py, c + 2 * px))
+    for a in range(nr):
+        for cc in range(nc):
+            dxp[:, :, a:a + sy * (ro - 1) + 1:sy, cc:cc + sx * (co - 1) + 1:sx] += \
+                np.einsum("nfij,fk->nkij", dy, w[:, :, a, cc])
+    return dxp[:, :, py:py + r, px:px + c]
+
+
+def conv2d_grad_params(x, dy, w_shape, sy, sx, py, px):
+    """(dw, db): dw[f, k, a, c] = sum_{n,i,j} dy[n, f, i, j] * xpad[n, k, i*sy + a, j*sx + c],
+    db[f] = sum of dy[:, f]."""
+    x = x.astype(np.float64)
+    dy = dy.astype(np.float64)
+    n, k, r, c = x.shape
+    f, _, nr, nc = w_shape
+    ro, co = dy.shape[2], dy.shape[3]
+    xp = np.zeros((n, k, r + 2 * py, c + 2 * px))
+    xp[:, :, py:py + r, px:px + c] = x
+    dw = np.zeros((f, k, nr, nc))
+    for a in range(nr):
+        for cc in range(nc):
+            patch = xp[:, :, a:a + sy * (ro - 1) + 1:sy, cc:cc + sx * (co - 1) + 1:sx]
+            dw[:, :, a, cc] = np.einsum("nfij,nkij->fk", dy, patch)
+    return dw, dy.sum(axis=(0, 2, 3))
+
+
+def fc_grad_data(dy, w):
+    """dx (N, D) = dy (N, O) @ w (O, D)."""
+    return dy.reshape(dy.shape[0], -1).astype(np.float64) @ w.astype(np.float64)
+
+
+def fc_grad_params(x, dy):
+    """(dw (O, D) = dy.T @ x, db (O,) = sum of dy over samples)."""
+    x = x.reshape(x.shape[0], -1).astype(np.float64)
+    dy = dy.reshape(dy.shape[0], -1).astype(np.float64)
+    return dy.T @ x, dy.sum(axis=0)
+
+
+def pool_grad(x, dy, nr, nc, sy, sx, py, px, how):
+    """dx of pool(x, ...): how = "max" gives each output's dy to the first
+    largest in-bounds input of its window (row-major), "avg" shares it equally
+    among the window's in-bounds inputs; summed over outputs."""
+    n, k, r, c = x.shape
+    ro, co = dy.shape[2], dy.shape[3]
+    dy = dy.astype(np.float64)
+    dx = np.zeros((n, k, r, c))
+    for i in range(ro):
+        for j in range(co):
+            r0, c0 = i * sy - py, j * sx - px
+            r0, r1, c0, c1 = max(r0, 0), min(r0 + nr, r), max(c0, 0), min(c0 + nc, c)
+            if how == "avg":
+                dx[:, :, r0:r1, c0:c1] += (dy[:, :, i, j] / ((r1 - r0) * (c1 - c0)))[:, :, None, None]
+                continue
+            win = x[:, :, r0:r1, c0:c1].reshape(n, k, -1)
+            best = win.argmax(axis=2)           # the first largest, row-major
+            bi, bj = r0 + best // (c1 - c0), c0 + best % (c1 - c0)
+            ni, ki = np.meshgrid(np.arange(n), np.arange(k), indexing="ij")
+            np.add.at(dx, (ni, ki, bi, bj), dy[:, :, i, j])
+    return dx
+
+
 def pool(x, nr, nc, sy, sx, py, px, how):
     """how = np.max or np.mean over the in-bounds part of each window."""
     n, k, r, c = x.shape

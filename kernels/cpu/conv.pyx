@@ -430,15 +430,21 @@ cdef void _conv_implicit(const ConvArgs* a, int nt) except *:
 
 
 def _set_kc(int v):
-    """Tuning knob: the largest K block of the implicit path (default 320)."""
+    """Tuning knob: the largest K block of the implicit path (default 320,
+    at most MDNN_KC = 512); returns the previous value."""
     global mdnn_kc
+    prev = mdnn_kc
     mdnn_kc = max(16, min(v, MDNN_KC))
+    return prev
 
 
 def _set_mc(int v):
-    """Tuning knob: the largest filter block of the implicit path (default 120)."""
+    """Tuning knob: the largest filter block of the implicit path (default 120,
+    at most MDNN_MC = 240); returns the previous value."""
     global mdnn_mc
+    prev = mdnn_mc
     mdnn_mc = max(6, min(v, MDNN_MC))
+    return prev
 
 
 def _set_direct_bytes(int v):

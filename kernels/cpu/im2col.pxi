@@ -39,9 +39,13 @@ cdef void _im2col(const float* xn, float* col, int K, int R, int C,
                         memset(dst, 0, seg * sizeof(float))
                     else:
                         src = xn + (k * R + iy) * <isize>C
-                        # [ox, ox+seg) = zeros [.., lo) copy [lo, hi) zeros [hi, ..)
+                        # [ox, ox+seg) = zeros [.., lo) copy [lo, hi) zeros [hi, ..),
+                        # with ox <= a <= e <= ox+seg (a segment may start past hi:
+                        # a chunk that begins near the end of an output row)
                         a = lo if lo > ox else ox
                         e = hi if hi < ox + seg else ox + seg
+                        if e < ox:
+                            e = ox
                         if a > e:
                             a = e
                         for t in range(ox, a):
