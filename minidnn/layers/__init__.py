@@ -15,7 +15,7 @@ is validated (core.Layer.validate_param).
 One module per family; this package exports the public names of each.
 """
 from ..core import input_tensor_, Node
-from . import activations, linear, norm, pool, routing, softmax as _softmax
+from . import activations, linear, norm, pool, routing, softmax as _softmax, tensor
 from .common import CONV, FC, set_seed
 from .activations import *  # noqa: F401,F403
 from .linear import *  # noqa: F401,F403
@@ -23,6 +23,7 @@ from .norm import *  # noqa: F401,F403
 from .pool import *  # noqa: F401,F403
 from .routing import *  # noqa: F401,F403
 from .softmax import *  # noqa: F401,F403
+from .tensor import *  # noqa: F401,F403
 
 
 def input_tensor():
@@ -31,4 +32,5 @@ def input_tensor():
 
 
 __all__ = (["CONV", "FC", "set_seed", "input_tensor", "input_tensor_"] + activations.__all__
-           + linear.__all__ + norm.__all__ + pool.__all__ + routing.__all__ + _softmax.__all__)
+           + linear.__all__ + norm.__all__ + pool.__all__ + routing.__all__ + _softmax.__all__
+           + tensor.__all__)
