@@ -14,6 +14,9 @@ skips, disabled layers) cost nothing: their output *is* their input buffer.
 
 Every layer is a subclass of :class:`Layer`, whose docstring is the contract.
 """
+import collections
+import threading
+
 import numpy as np
 
 from . import ops
@@ -28,6 +31,37 @@ _revision = [0]
 def structure_changed():
     """Invalidate every compiled program (call after changing a layer's structure)."""
     _revision[0] += 1
+
+
+# Threads. Every thread runs its own compiled programs (its own buffers; the
+# parameters are shared), so concurrent forwards of one net never share memory.
+# Building a program (which sets up parameters the first time) is serialised by
+# one lock; running is not. Each thread remembers its last few programs, which is
+# where get_output() finds a node's output.
+_build_lock = threading.RLock()
+_tls = threading.local()
+_RECENT = 8
+
+
+_running = set()        # the programs running now, in any thread (set.add/discard are atomic)
+
+
+def check_not_running(net, what):
+    """RuntimeError when another thread is running a forward through any node of ``net``
+    (called by the operations that change a net's structure: fuse, to)."""
+    nodes = set(net.chain())
+    me = threading.get_ident()
+    for prog in list(_running):
+        if prog.thread != me and nodes.intersection(prog.node_outputs):
+            raise RuntimeError(f"{what}: another thread is running a forward of this network; "
+                               f"change a network only while no thread runs it")
+
+
+def _recent_programs():
+    r = getattr(_tls, "recent", None)
+    if r is None:
+        r = _tls.recent = collections.deque(maxlen=_RECENT)
+    return r
 
 
 class LayerError(ValueError):
@@ -368,8 +402,7 @@ class Node:
                              f"top of a network, not the subnet of another layer")
         self._layer = layer
         self._subnet = subnet
-        self._programs = {}
-        self._output = None
+        self._tl = threading.local()      # this thread's compiled programs of this node
         self._device = "cpu"
         self._graphs = True
         self._device_params = None
@@ -383,11 +416,25 @@ class Node:
     def subnet(self):
         return self._subnet
 
+    def _last_output(self):
+        """The backend buffer of this node's output in the calling thread's latest program
+        that computed it, or None."""
+        for prog in reversed(_recent_programs()):
+            y = prog.node_outputs.get(self)
+            if y is not None:
+                return y
+        return None
+
     def get_output(self):
-        """The output of this node at the last forward that went through it (NumPy)."""
-        if self._output is None:
-            return None
-        return ops.backend_of(self._output).to_numpy(self._output)
+        """The output of this node at the last forward (in the calling thread) that went
+        through it, as a NumPy array, or None."""
+        y = self._last_output()
+        return None if y is None else ops.backend_of(y).to_numpy(y)
+
+    def programs(self):
+        """The calling thread's compiled programs of this node (for tools such as
+        backend_info)."""
+        return list(getattr(self._tl, "programs", {}).values())
 
     def chain(self):
         """The nodes from this one down to the input, top first."""
@@ -421,41 +468,49 @@ class Node:
         if device not in ops.DEVICES:
             raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'cuda'")
         be = ops.backend(device)  # raises a clear RuntimeError if it cannot load
+        check_not_running(self, "to")
         for i, n in enumerate(self.chain()):
             missing = [o for o in n._layer.forward_ops if not hasattr(be, o)]
             if missing:
                 raise NotImplementedError(
                     f"layer<{i}> {n._layer.kind}: the {device} backend has no kernel for "
                     f"{', '.join(missing)} yet; run this net on the CPU")
-        for n in self.chain():
-            n._device = device
-            n._graphs = bool(graphs)
-            n._programs.clear()
-            n._device_params = None
-            n._output = None
-        structure_changed()
+        with _build_lock:
+            for n in self.chain():
+                n._device = device
+                n._graphs = bool(graphs)
+                n._tl = threading.local()
+                n._device_params = None
+            structure_changed()
         return self
 
     def _program(self, shape):
         key = (shape, self._device, _revision[0])
-        prog = self._programs.get(key)
+        progs = getattr(self._tl, "programs", None)
+        if progs is None:
+            progs = self._tl.programs = {}
+        prog = progs.get(key)
         if prog is None:
             # keep a few shapes (alternating batch sizes), drop stale structures
-            for k in [k for k in self._programs if k[1:] != key[1:]]:
-                del self._programs[k]
-            while len(self._programs) >= 4:
-                del self._programs[next(iter(self._programs))]
-            prog = Program(self, shape, ops.backend(self._device), self._uploads(), self._graphs)
-            self._programs[key] = prog
+            for k in [k for k in progs if k[1:] != key[1:]]:
+                del progs[k]
+            while len(progs) >= 4:
+                del progs[next(iter(progs))]
+            with _build_lock:            # setup allocates parameters: one builder at a time
+                prog = Program(self, shape, ops.backend(self._device), self._uploads(), self._graphs)
+            if prog.revision == _revision[0]:
+                progs[(shape, self._device, prog.revision)] = prog
         return prog
 
     def _uploads(self):
-        """The device copies of the parameters, shared by every program of this device."""
+        """The device copies of the parameters, shared by every program of this device
+        (and every thread)."""
         if self._device == "cpu":
             return None
-        if self._device_params is None or self._device_params[0] != _revision[0]:
-            self._device_params = (_revision[0], {})
-        return self._device_params[1]
+        with _build_lock:
+            if self._device_params is None or self._device_params[0] != _revision[0]:
+                self._device_params = (_revision[0], {})
+            return self._device_params[1]
 
     def _tensor(self, x):
         return self._bottom._layer.to_tensor(x, self._device, self._depth - 1)
@@ -491,8 +546,9 @@ class Node:
             text = text.rstrip()
             if layer.disabled:
                 text += " (disabled)"
-            if n._output is not None:
-                text += f"  -> {tuple(n._output.shape)}"
+            y = n._last_output()
+            if y is not None:
+                text += f"  -> {tuple(y.shape)}"
             lines.append(text)
         return "\n".join(lines)
 
@@ -620,6 +676,7 @@ class Program:
     """
 
     def __init__(self, top, shape, backend, uploads=None, graphs=True):
+        revision = _revision[0]
         nodes = top.chain()                 # top first
         self.backend = backend
         self.device = backend.name
@@ -650,9 +707,16 @@ class Program:
         self.steps = plan.steps
         self.specs = plan.specs
         self.outputs = outputs
+        self.node_outputs = dict(outputs)
         self.y = y
         self.graph = None
         self._use_graph = graphs and self.device != "cpu" and hasattr(backend, "capture")
+        self.revision = revision
+        self.thread = threading.get_ident()
+        # the backend's per-call thread accounting (CPU: kernel teams sized by the number
+        # of threads running forwards at once), if it has one
+        self._begin = getattr(backend, "begin_run", None)
+        self._end = getattr(backend, "end_run", None)
 
     def _launch_steps(self):
         for fn, args in self.steps:
@@ -660,27 +724,37 @@ class Program:
 
     def run(self, x):
         """Run on x (a NumPy array, or a device array on a device backend); return the
-        output buffer (owned by the program: valid until its next run)."""
-        if self.device == "cpu":
-            np.copyto(self.x, x)
-            self._launch_steps()
-        else:
-            be = self.backend
-            if isinstance(x, np.ndarray):
-                be.upload(self.x, x)
-            else:
-                be.copy(self.x, x)
-            if self.graph is not None:
-                self.graph.launch()
-            elif self._use_graph:
-                # capture() first runs the steps once (compiling kernels, building
-                # per-shape plans), then records them; the graph is launched from now on
-                self.graph = be.capture(self._launch_steps, warmup=True)
-                self.graph.launch()
-            else:
+        output buffer (owned by the program, which belongs to the calling thread: valid
+        until this thread's next run of it). RuntimeError if the net's structure or
+        parameters were changed (by another thread) while it ran."""
+        _running.add(self)
+        if self._begin is not None:
+            self._begin()
+        try:
+            if self.device == "cpu":
+                np.copyto(self.x, x)
                 self._launch_steps()
-        for node, y in self.outputs:
-            node._output = y
+            else:
+                be = self.backend
+                if isinstance(x, np.ndarray):
+                    be.upload(self.x, x)
+                else:
+                    be.copy(self.x, x)
+                if self.graph is not None:
+                    self.graph.launch()
+                elif self._use_graph:
+                    # capture() first runs the steps once (compiling kernels, building
+                    # per-shape plans), then records them; the graph is launched from now on
+                    with _build_lock:
+                        self.graph = be.capture(self._launch_steps, warmup=True)
+                    self.graph.launch()
+                else:
+                    self._launch_steps()
+        finally:
+            _running.discard(self)
+            if self._end is not None:
+                self._end()
+        _recent_programs().append(self)
         return self.y
 
 

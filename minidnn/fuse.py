@@ -21,7 +21,7 @@ computed in float64 and stored in float32; fusing twice changes nothing.
 dlib's visitor (PR #2294) adds beta without scaling an existing bias by gamma,
 and drops the ReLU when the convolution has no bias; both are right here.
 """
-from .core import structure_changed
+from .core import check_not_running, structure_changed
 from .layers import CONV, affine_
 
 
@@ -53,6 +53,7 @@ def fuse(net):
     Requires a network whose parameters exist (it has run a forward or been
     trained or loaded). The output is unchanged up to float32 rounding.
     """
+    check_not_running(net, "fuse")
     nodes = net.chain()[::-1]                      # bottom first
     for i, node in enumerate(nodes):
         l = node.layer_details()

@@ -57,7 +57,7 @@ def backend_info(net, input_shape=None):
     else:
         info["cudnn_reason"] = cudnn.unavailable_reason()
 
-    progs = list(net._programs.values())
+    progs = net.programs()
     if not progs and input_shape is not None:
         progs = [net._program(tuple(int(s) for s in input_shape))]
     if not progs:

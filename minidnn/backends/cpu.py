@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 
 import importlib  # noqa: E402
 import pkgutil  # noqa: E402
+import threading  # noqa: E402
 
 import minidnn  # noqa: E402
 from minidnn import ops as _ops  # noqa: E402
@@ -86,17 +87,47 @@ def to_numpy(a):
     return a
 
 
+# Threads. The kernels' OpenMP team size is a per-thread setting (OpenMP's ICV). The
+# budget is the number of cores minidnn may use (OMP_NUM_THREADS or the machine's, or
+# set_num_threads); a compiled forward (core.Program.run) calls begin_run/end_run, and
+# while k Python threads run forwards at once each kernel team gets budget // k
+# threads (at least 1), so N serving threads never oversubscribe the cores.
+_budget = [_cpu_conv.get_num_threads()]
+_active = [0]
+_active_lock = threading.Lock()
+_tl = threading.local()
+
+
 def set_num_threads(n):
-    """Use n threads in the CPU kernels (n >= 1)."""
+    """Use at most n threads in the CPU kernels (n >= 1), process-wide: the budget that
+    concurrent forwards share."""
     n = int(n)
     if n < 1:
         raise ValueError(f"set_num_threads: need n >= 1, got {n}")
+    _budget[0] = n
     _cpu_conv.set_num_threads(n)
+    _tl.nt = n
 
 
 def get_num_threads():
-    """The number of threads the CPU kernels use."""
-    return _cpu_conv.get_num_threads()
+    """The number of threads the CPU kernels may use (the budget set_num_threads sets)."""
+    return _budget[0]
+
+
+def begin_run():
+    """Called by a compiled forward before its kernels: size this thread's kernel teams
+    for the number of forwards running now."""
+    with _active_lock:
+        _active[0] += 1
+        k = max(1, _budget[0] // _active[0])
+    if getattr(_tl, "nt", None) != k:
+        _cpu_conv.set_num_threads(k)
+        _tl.nt = k
+
+
+def end_run():
+    with _active_lock:
+        _active[0] -= 1
 
 
 def _pin_scipy_blas():
