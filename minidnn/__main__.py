@@ -1,4 +1,4 @@
-"""Command line: python -m minidnn {demo, info, fuse, bench}."""
+"""Command line: python -m minidnn {demo, info, fuse, bench, run}."""
 import argparse
 import os
 import sys
@@ -247,6 +247,50 @@ def cmd_bench(args):
     return 0
 
 
+def load_model(path):
+    """A network from a file: minidnn's own format (dlib's .dat files once load_dlib
+    knows them; see minidnn.dlib_zoo)."""
+    import minidnn as dnn
+    return dnn.deserialize(path)
+
+
+def cmd_run(args):
+    """Run a net over images or .npy arrays, one JSON line per input (minidnn/run.py)."""
+    from minidnn import run as runmod
+    from minidnn.backends import cpu
+    try:
+        with open(args.model, "rb") as f:
+            model_bytes = f.read()
+        net = load_model(args.model)
+    except Exception as e:
+        return _fail("run", args.model, e)
+    paths = runmod.expand_inputs(args.inputs)
+    if not paths:
+        print("minidnn run: error: no inputs found", file=sys.stderr)
+        return 2
+    try:
+        if args.ray is not None:
+            from minidnn.ray_run import run_ray
+            n, errors, seconds = run_ray(model_bytes, args.inputs, args.out,
+                                         address=args.ray or None, workers=args.workers,
+                                         cpus_per_worker=args.threads or 1,
+                                         batch_size=args.batch, quiet=args.quiet)
+        else:
+            if args.threads:
+                cpu.set_num_threads(args.threads)
+            n, errors, seconds = runmod.run(net, args.inputs, args.out, batch_size=args.batch,
+                                            quiet=args.quiet)
+    except (RuntimeError, OSError) as e:
+        print(f"minidnn run: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    skipped = len(paths) - n
+    rate = n / seconds if seconds > 0 else float("inf")
+    print(f"minidnn run: {n} inputs in {seconds:.2f} s ({rate:.1f} inputs/s), {errors} errors"
+          + (f", {skipped} already in {args.out}" if skipped else "") + f"; results in {args.out}",
+          file=sys.stderr)
+    return 0
+
+
 def main(argv=None):
     script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     prog = "python -m minidnn" if script in ("", "__main__.py", "-c") else script
@@ -278,6 +322,21 @@ def main(argv=None):
     b.add_argument("--repeat", type=_positive_int, default=50)
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     b.set_defaults(fn=cmd_bench)
+    r = sub.add_parser("run", help="run a network over images or .npy arrays: one JSON line per "
+                                   "input, resumable, optionally on a Ray cluster")
+    r.add_argument("model", help="a saved network")
+    r.add_argument("inputs", nargs="+", help="image or .npy files, folders, glob patterns, or "
+                                             ".txt lists of paths")
+    r.add_argument("--out", required=True, help="the JSON-lines file (appended to; inputs already "
+                                                "in it are skipped)")
+    r.add_argument("--batch", type=_positive_int, default=16, help="inputs per batch (default 16)")
+    r.add_argument("--threads", type=_positive_int, default=None,
+                   help="kernel threads (per Ray worker with --ray)")
+    r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray: a local cluster, or the one at ADDRESS (e.g. auto)")
+    r.add_argument("--workers", type=_positive_int, default=2, help="Ray workers (default 2)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(fn=cmd_run)
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -178,7 +178,8 @@ class Layer:
         ``check_record()`` validates the arrays against the settings.
 
     Capabilities, declared as class attributes (never probed):
-    ``is_input`` (the bottom layer: ``to_tensor``), ``is_loss`` (the top layer:
+    ``is_input`` (the bottom layer: ``to_tensor``; ``takes_images``: it takes uint8 images,
+    which ``check_image`` validates, rather than float tensors), ``is_loss`` (the top layer:
     ``to_label``, ``check_labels``, ``loss_and_grad``; see loss.py),
     ``trainable``, ``routing`` (tag/skip/add_prev-like: never disabled, the
     training tape always runs it), ``pointwise`` (an activation: ``act`` is the
@@ -201,6 +202,7 @@ class Layer:
     forward_ops = ()
 
     is_input = False
+    takes_images = False
     is_loss = False
     trainable = False
     routing = False
