@@ -429,9 +429,16 @@ class Node:
 
     def get_output(self):
         """The output of this node at the last forward (in the calling thread) that went
-        through it, as a NumPy array, or None."""
+        through it, as a NumPy array, or None. (A compiled CPU forward lets buffers share
+        memory once they are no longer needed; a node whose buffer was reused recomputes
+        its output here from that forward's input.)"""
         y = self._last_output()
-        return None if y is None else ops.backend_of(y).to_numpy(y)
+        if y is None:
+            for prog in reversed(_recent_programs()):
+                if self in prog.nodes:
+                    return self.forward(prog.x.copy())
+            return None
+        return ops.backend_of(y).to_numpy(y)
 
     def programs(self):
         """The calling thread's compiled programs of this node (for tools such as
@@ -574,9 +581,12 @@ class Plan:
         self.layer = None
         self._uploaded = {}
         self.tags = {}
+        self.buffers = []         # every buffer empty() made (memory planning reuses them)
 
     def empty(self, shape):
-        return self.backend.empty(tuple(int(s) for s in shape))
+        a = self.backend.empty(tuple(int(s) for s in shape))
+        self.buffers.append(a)
+        return a
 
     def step(self, fn, *args):
         """Append a call ``fn(*args)`` to the forward program. An ``ops`` function is
@@ -709,7 +719,13 @@ class Program:
         self.steps = plan.steps
         self.specs = plan.specs
         self.outputs = outputs
-        self.node_outputs = dict(outputs)
+        self.memory = {"buffers": 0, "planned": 0}
+        self.nodes = frozenset(n for n, _ in outputs)
+        stale = set()
+        if self.device == "cpu" and reuse_memory[0]:
+            stale = self._share_memory(plan, y)
+        self.node_outputs = {n: b for (n, b0), (_, b) in zip(outputs, self.outputs)
+                             if id(_root(b0)) not in stale}
         self.y = y
         self.graph = None
         self._use_graph = graphs and self.device != "cpu" and hasattr(backend, "capture")
@@ -719,6 +735,71 @@ class Program:
         # of threads running forwards at once), if it has one
         self._begin = getattr(backend, "begin_run", None)
         self._end = getattr(backend, "end_run", None)
+
+    def _share_memory(self, plan, y):
+        """Let buffers whose lifetimes do not overlap share memory (CPU): each buffer lives
+        from the first step that uses it to the last one; buffers are placed, in order of
+        first use, into the smallest free block that fits (blocks grow when none does),
+        then every step argument is rewritten as the same view of its buffer's block.
+        The input buffer and the output stay apart. Returns the ids of the (original)
+        buffers whose memory a later buffer takes over (their node's get_output
+        recomputes)."""
+        roots = {id(b): b for b in plan.buffers}
+        first, last = {}, {}
+        for i, (fn, args) in enumerate(self.steps):
+            for a in args:
+                r = _root(a) if isinstance(a, np.ndarray) else None
+                if r is not None and id(r) in roots:
+                    first.setdefault(id(r), i)
+                    last[id(r)] = i
+        keep = {id(self.x), id(_root(y))}
+        order = sorted((k for k in first if k not in keep), key=lambda k: (first[k], k))
+        blocks, owner, free = [], {}, []          # block sizes (floats), buffer -> block
+        ends = []                                 # (last use, block) of the placed buffers
+        for k in order:
+            ends.sort()
+            while ends and ends[0][0] < first[k]:
+                free.append(ends.pop(0)[1])
+            need = roots[k].size
+            fits = [b for b in free if blocks[b] >= need]
+            if fits:
+                b = min(fits, key=lambda b: blocks[b])
+            elif free:
+                b = max(free, key=lambda b: blocks[b])
+                blocks[b] = need
+            else:
+                b = len(blocks)
+                blocks.append(need)
+            if b in free:
+                free.remove(b)
+            owner[k] = b
+            ends.append((last[k], b))
+        total = sum(b.nbytes for b in plan.buffers)
+        memory = [np.empty(n, np.float32) for n in blocks]
+        new_root = {k: memory[b][:roots[k].size].reshape(roots[k].shape) for k, b in owner.items()}
+
+        def remap(a):
+            if not isinstance(a, np.ndarray):
+                return a
+            r = _root(a)
+            nr = new_root.get(id(r))
+            if nr is None:
+                return a
+            off = a.__array_interface__["data"][0] - r.__array_interface__["data"][0]
+            return np.ndarray(a.shape, a.dtype, buffer=nr.data, offset=off, strides=a.strides)
+        self.steps = [(fn, tuple(remap(a) for a in args)) for fn, args in self.steps]
+        self.outputs = [(n, remap(b)) for n, b in self.outputs]
+        kept = sum(b.nbytes for b in plan.buffers if id(b) not in owner)
+        self.memory = {"buffers": total, "planned": kept + 4 * sum(blocks)}
+        # a buffer is stale after the run if its block is taken over later
+        by_block = {}
+        for k, b in owner.items():
+            by_block.setdefault(b, []).append(k)
+        stale = set()
+        for ks in by_block.values():
+            ks.sort(key=lambda k: first[k])
+            stale.update(ks[:-1])
+        return stale
 
     def _launch_steps(self):
         for fn, args in self.steps:
@@ -758,6 +839,18 @@ class Program:
                 self._end()
         _recent_programs().append(self)
         return self.y
+
+
+# Whether compiled CPU forwards let buffers of disjoint lifetimes share memory
+# (Program._share_memory); tests turn it off to compare.
+reuse_memory = [True]
+
+
+def _root(a):
+    """The array that owns a view's memory."""
+    while isinstance(getattr(a, "base", None), np.ndarray):
+        a = a.base
+    return a
 
 
 def _named_memory_error(e, where):
