@@ -349,3 +349,140 @@ def assert_close(actual, expected, rtol=1e-5):
     scale = max(1.0, float(np.abs(expected).max()))
     err = float(np.abs(actual - expected).max())
     assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol:g} * {scale:.3g}"
+
+
+# ---- losses (catalogue)
+# Independent float64 definitions of dlib's other losses, written term by term from the
+# loops of dlib/dnn/loss.h and dlib/cuda/cpu_dlib.h (one term per sample, pixel or pair, in
+# plain Python), sharing no code with minidnn/loss.py. Each takes the raw target a test
+# gives (before check_labels).
+
+def _log1pexp(v):
+    """log(1 + e^v), dlib's log1pexp."""
+    return v + math.log1p(math.exp(-v)) if v > 0 else math.log1p(math.exp(v))
+
+
+def _neg_log_softmax(z, y):
+    """-safe_log(softmax(z)[y]) of a list of scores z: dlib's safe_log(p) = log(max(p, 1e-10))."""
+    m = max(z)
+    p = math.exp(z[y] - m) / sum(math.exp(v - m) for v in z)
+    return -math.log(max(p, 1e-10))
+
+
+@loss_ref(dnn.loss_binary_log_)
+def _binary_log(l, out, target):
+    """(1/N) sum |y| log1pexp(-x) for y > 0, |y| (x + log1pexp(-x)) for y < 0."""
+    x, y = out.reshape(-1), np.asarray(target, np.float64).reshape(-1)
+    n = len(x)
+    total = 0.0
+    for i in range(n):
+        if y[i] > 0:
+            total += y[i] * _log1pexp(-x[i])
+        else:
+            total += -y[i] * (x[i] + _log1pexp(-x[i]))
+    return total / n
+
+
+@loss_ref(dnn.loss_binary_hinge_)
+def _binary_hinge(l, out, target):
+    x, y = out.reshape(-1), np.asarray(target, np.float64).reshape(-1)
+    return sum(max(0.0, 1 - y[i] * x[i]) for i in range(len(x))) / len(x)
+
+
+@loss_ref(dnn.loss_multibinary_log_)
+def _multibinary_log(l, out, target):
+    """(1/N) sum_{i,k} |y| t focus, focus = (1 - sigmoid)^gamma (y > 0) or sigmoid^gamma (y < 0)."""
+    n = out.shape[0]
+    x = out.reshape(n, -1)
+    y = np.asarray(target, np.float64).reshape(n, -1)
+    total = 0.0
+    for i in range(n):
+        for k in range(x.shape[1]):
+            v = x[i, k]
+            s = 1 / (1 + math.exp(-v))
+            if y[i, k] > 0:
+                total += y[i, k] * _log1pexp(-v) * (1 - s) ** l.gamma
+            else:
+                total += -y[i, k] * (v + _log1pexp(-v)) * s ** l.gamma
+    return total / n
+
+
+@loss_ref(dnn.loss_multiclass_log_weighted_)
+def _multiclass_log_weighted(l, out, target):
+    n = out.shape[0]
+    z = out.reshape(n, -1)
+    return sum(float(target["weight"][i]) * _neg_log_softmax(list(z[i]), int(target["label"][i]))
+               for i in range(n)) / n
+
+
+@loss_ref(dnn.loss_mean_squared_multioutput_)
+def _mean_squared_multioutput(l, out, target):
+    n = out.shape[0]
+    x = out.reshape(n, -1)
+    y = np.asarray(target, np.float64).reshape(n, -1)
+    return sum((y[i, k] - x[i, k]) ** 2 for i in range(n) for k in range(x.shape[1])) / n
+
+
+@loss_ref(dnn.loss_multiclass_log_per_pixel_)
+def _multiclass_log_per_pixel(l, out, target):
+    """Sum over pixels not labelled 65535, divided by N*R*C (every pixel)."""
+    n, k, r, c = out.shape
+    y = np.asarray(target).reshape(n, r, c)
+    total = 0.0
+    for i in range(n):
+        for a in range(r):
+            for b in range(c):
+                if int(y[i, a, b]) != 65535:
+                    total += _neg_log_softmax(list(out[i, :, a, b]), int(y[i, a, b]))
+    return total / (n * r * c)
+
+
+@loss_ref(dnn.loss_binary_log_per_pixel_)
+def _binary_log_per_pixel(l, out, target):
+    """As loss_binary_log at each pixel (y = 0: ignored), divided by N*R*C."""
+    n, _, r, c = out.shape
+    y = np.asarray(target, np.float64).reshape(n, r, c)
+    total = 0.0
+    for i in range(n):
+        for a in range(r):
+            for b in range(c):
+                v, t = out[i, 0, a, b], y[i, a, b]
+                if t > 0:
+                    total += t * _log1pexp(-v)
+                elif t < 0:
+                    total += -t * (v + _log1pexp(-v))
+    return total / (n * r * c)
+
+
+@loss_ref(dnn.loss_mean_squared_per_pixel_)
+def _mean_squared_per_pixel(l, out, target):
+    """sum (y - x)^2 / (N K R C) (dlib's per_pixel for K = 1, per_channel_and_pixel for K > 1)."""
+    y = np.asarray(target, np.float64).reshape(out.shape)
+    return sum((a - b) ** 2 for a, b in zip(y.reshape(-1), out.reshape(-1))) / out.size
+
+
+@loss_ref(dnn.loss_metric_)
+def _metric(l, out, target):
+    """dlib's loss_metric_: over ordered pairs (r, c), r != c; positives add
+    max(0, d - (T - m)), the hardest negatives (d <= the min(P, Q)-th smallest negative
+    distance) add max(0, (T + m) - d); all times 0.5 / (P + 0.0001)."""
+    n = out.shape[0]
+    e = out.reshape(n, -1)
+    y = [int(v) for v in np.asarray(target).reshape(-1)]
+    dist = [[math.sqrt(sum((e[r, j] - e[c, j]) ** 2 for j in range(e.shape[1]))) for c in range(n)]
+            for r in range(n)]
+    pos = [(r, c) for r in range(n) for c in range(r + 1, n) if y[r] == y[c]]
+    neg = sorted(dist[r][c] for r in range(n) for c in range(r + 1, n) if y[r] != y[c])
+    neg_thresh = neg[min(len(pos), len(neg)) - 1]
+    t, m = l.distance_threshold, l.margin
+    total = 0.0
+    for r in range(n):
+        for c in range(n):
+            if r == c:
+                continue
+            d = dist[r][c]
+            if y[r] == y[c]:
+                total += max(0.0, d - (t - m))
+            elif d <= neg_thresh:
+                total += max(0.0, (t + m) - d)
+    return total * 0.5 / (len(pos) + 0.0001)
