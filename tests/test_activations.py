@@ -177,7 +177,8 @@ def test_matches_pytorch(cls, p):
     if cls.kind not in fns:
         pytest.skip(f"PyTorch has no {cls.kind}")
     y = dnn.Node(layer, dnn.input_tensor()).forward(x.reshape(1, 1, 1, -1)).reshape(-1)
-    np.testing.assert_allclose(y.astype(np.float64), fns[cls.kind](t).numpy(), rtol=2e-6, atol=1e-30)
+    # atol: float64 PyTorch flushes the far tails (gelu below -8) to 0 where float32 still holds them
+    np.testing.assert_allclose(y.astype(np.float64), fns[cls.kind](t).numpy(), rtol=2e-6, atol=1e-12)
 
 
 def test_bad_parameters_are_refused():
