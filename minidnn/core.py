@@ -187,7 +187,7 @@ class Layer:
     ``takes_epilogue`` (con/fc: fuse() folds an affine-like layer above into its
     parameters with ``fold(g, h)`` and moves an activation into ``act``),
     ``affine_like`` (bn/affine: ``affine_form() -> (g, h)`` per unit and ``mode``),
-    ``output_mode`` ("conv" or "fc": the mode an affine_/bn_ put above defaults to; None
+    ``identity_at_inference`` (dropout: fuse() disables it), ``output_mode`` ("conv" or "fc": the mode an affine_/bn_ put above defaults to; None
     passes on the mode of the layer below, as pointwise layers and tags do).
     """
 
@@ -209,6 +209,7 @@ class Layer:
     pointwise = False
     takes_epilogue = False
     affine_like = False
+    identity_at_inference = False
     output_mode = "conv"
 
     def __init_subclass__(cls, **kw):
@@ -582,6 +583,7 @@ class Plan:
         self._uploaded = {}
         self.tags = {}
         self.buffers = []         # every buffer empty() made (memory planning reuses them)
+        self.outputs = []         # (node, output buffer) of each node built so far, input first
 
     def empty(self, shape):
         a = self.backend.empty(tuple(int(s) for s in shape))
@@ -646,6 +648,48 @@ class Plan:
         self.specs[-1] = spec
         return True
 
+    def alias(self, old, new):
+        """Make buffer ``old`` live inside ``new`` (a C-contiguous NumPy array of old's shape,
+        e.g. a slice of a larger output): every step argument, tag and node output that is
+        old's storage or a view of it becomes the same view of ``new``, so the steps that
+        wrote ``old`` now write ``new`` and those that read it read ``new``. Returns whether it
+        did: it refuses (changing nothing) unless both are NumPy arrays, ``old`` covers the
+        whole of its storage (the buffer or a full view of it), that storage is not the
+        program's input and does not overlap ``new``, and every view of it is C-contiguous.
+        (A step that keeps a buffer elsewhere than in its arguments, in a closure say, would
+        not be rewritten: steps pass their buffers as arguments.)"""
+        if not isinstance(old, np.ndarray) or not isinstance(new, np.ndarray):
+            return False
+        base = old if old.base is None else old.base
+        if not isinstance(base, np.ndarray) or base.size != old.size or old.shape != new.shape \
+                or old.dtype != new.dtype or not new.flags.c_contiguous \
+                or np.shares_memory(base, new):
+            return False
+        if self.outputs:
+            inp = self.outputs[0][1]
+            if inp is base or getattr(inp, "base", None) is base:
+                return False
+
+        def mine(a):
+            return isinstance(a, np.ndarray) and (a is base or a.base is base)
+
+        refs = [a for _, args in self.steps for a in args if mine(a)]
+        refs += [a for a in self.tags.values() if mine(a)] + [a for _, a in self.outputs if mine(a)]
+        if not all(a.flags.c_contiguous and a.dtype == base.dtype for a in refs):
+            return False
+        flat, start = new.reshape(-1), base.ctypes.data
+
+        def sub(a):
+            if not mine(a):
+                return a
+            o = (a.ctypes.data - start) // a.itemsize
+            return flat[o:o + a.size].reshape(a.shape)
+
+        self.steps[:] = [(fn, tuple(sub(a) for a in args)) for fn, args in self.steps]
+        self.tags.update({k: sub(a) for k, a in self.tags.items()})
+        self.outputs[:] = [(n, sub(a)) for n, a in self.outputs]
+        return True
+
     def param(self, a):
         """The backend's view of host parameter array ``a`` (the array itself on the CPU)."""
         if a is None or self.device == "cpu":
@@ -701,7 +745,7 @@ class Program:
             raise _named_memory_error(e, f"layer<{len(nodes) - 1}> {nodes[-1]._layer.kind}") from None
         y = self.x
         in_shape = shape
-        outputs = []
+        outputs = plan.outputs              # Plan.alias may rewrite it
         for i in range(len(nodes) - 1, -1, -1):
             node = nodes[i]
             layer = node._layer

@@ -14,7 +14,8 @@ chain through disabled layers:
    becomes L's epilogue (``L.act``; a prelu with its current alpha) and is
    disabled, whether or not L has a bias.
 
-A bn_ that cannot be folded (not directly above a con_ or fc_, or a per-unit
+Layers that are identities at inference (dropout_) are disabled first, so that
+what they separated folds together. A bn_ that cannot be folded (not directly above a con_ or fc_, or a per-unit
 bn_fc above a convolution) becomes the equivalent affine_. Everything is
 computed in float64 and stored in float32; fusing twice changes nothing.
 
@@ -60,6 +61,10 @@ def fuse(net):
         if l.takes_epilogue and getattr(l, l.weight_name) is None:
             raise ValueError(f"fuse: layer<{len(nodes) - 1 - i}> {l.kind} has no parameters yet: "
                              f"run a forward (or train or load the net) first")
+    for node in nodes:                             # identities at inference (dropout): gone
+        l = node.layer_details()
+        if l.identity_at_inference and not l.disabled:
+            l.disable()
     for i, node in enumerate(nodes):
         l = node.layer_details()
         if not l.takes_epilogue or l.disabled or l.act:

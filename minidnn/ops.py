@@ -232,6 +232,46 @@ _op("adam_update: w g m v -> ; lr weight_decay beta1 beta2 t eps",
 _op("all_finite: a -> ",
     "Whether every value of float32 array a is finite.", grad=True)
 
+# ---- tensor and routing layers (catalogue)
+_op("mul_scalar: x -> y; val",
+    "y = val * x elementwise (multiply_, dropout_ at inference); y may be x.")
+_op("mul: a b -> y",
+    "y[n,k,r,c] = a[n,k,r,c] * b[n,k,r,c] for every index of y (N,K,R,C), an operand without "
+    "that index counting as 0 (dlib's multiply_zero_padded: mult_prev_); y may be a or b when "
+    "all three have one shape.")
+_op("scale_channels: x s -> y",
+    "y[n,k,r,c] = x[n,k,r,c] * s[n,k] for x, y (N,K,R,C) and s (N,K,1,1) (scale_, scale_prev_); "
+    "y may be x.")
+_op("copy_range: x -> y; x_offset y_offset count",
+    "For each sample n: y[n].flat[y_offset : y_offset+count] = x[n].flat[x_offset : "
+    "x_offset+count]; the rest of y is left as it is (concat_, extract_). x and y may share "
+    "memory only with one sample.")
+_op("l2normalize: x -> y; eps",
+    "y[n] = x[n] / sqrt(eps + sum of x[n]^2) for each sample n (dlib's inverse_norms and "
+    "scale_rows); y may be x.")
+_op("reorg: x -> y; row_stride col_stride",
+    "Space to depth (dlib's reorg): x (N,K,R,C) -> y (N, K*rs*cs, R/rs, C/cs), "
+    "y[n, (dr*cs + dc)*K + k, r, c] = x[n, k, r*rs + dr, c*cs + dc].")
+_op("resize_bilinear: x -> y",
+    "Bilinear resize of each plane of x (N,K,R,C) to y (N,K,Ro,Co) with dlib's aligned corners: "
+    "output (i, j) samples input (i*(R-1)/max(Ro-1,1), j*(C-1)/max(Co-1,1)).")
+_op("dropout_train: x -> y mask; drop_rate key",
+    "mask = 1 where u >= drop_rate, else 0, u in [0, 1) a counter hash of (key, flat index) "
+    "(24 bits; the same for any thread count); y = x * mask, unscaled as dlib's dropout_.",
+    grad=True)
+_op("dot_channels: a b -> y",
+    "y[n,k,0,0] = sum over (r, c) of a[n,k,r,c] * b[n,k,r,c] for a, b (N,K,R,C) (the "
+    "gradient of scale_'s scales).", grad=True)
+_op("l2normalize_grad: x y dy -> dx; eps",
+    "The backward of l2normalize, y its output: per sample, dx = (dy - y * sum(dy * y)) / "
+    "sqrt(eps + sum x^2); dx may be dy.", grad=True)
+_op("reorg_grad: dy -> dx; row_stride col_stride",
+    "The backward of reorg (a permutation): dx (N,K,R,C) from dy (N, K*rs*cs, R/rs, C/cs).",
+    grad=True)
+_op("resize_bilinear_grad: dy -> dx",
+    "The backward of resize_bilinear: dx (N,K,R,C) = the transpose of the resize applied to "
+    "dy (N,K,Ro,Co).", grad=True)
+
 
 # --------------------------------------------------------------------------- backends
 _by_type = {}       # array type -> backend module

@@ -486,3 +486,125 @@ def _metric(l, out, target):
             elif d <= neg_thresh:
                 total += max(0.0, (t + m) - d)
     return total * 0.5 / (len(pos) + 0.0001)
+
+
+# ---- tensor and routing layers (catalogue)
+def bilinear_matrix(n_in, n_out):
+    """W (n_out, n_in) with resized = W @ line: dlib's aligned corners (resize_image): output i
+    samples p = i * (n_in - 1) / max(n_out - 1, 1), between floor(p) and the next input."""
+    w = np.zeros((n_out, n_in))
+    scale = (n_in - 1) / max(n_out - 1, 1)
+    for i in range(n_out):
+        p = i * scale
+        lo = min(int(math.floor(p)), n_in - 1)
+        hi = min(lo + 1, n_in - 1)
+        f = p - lo
+        w[i, lo] += 1 - f
+        w[i, hi] += f
+    return w
+
+
+def resize_bilinear(x, ro, co):
+    x = np.asarray(x, np.float64)
+    wy, wx = bilinear_matrix(x.shape[2], ro), bilinear_matrix(x.shape[3], co)
+    return np.einsum("ir,nkrc,jc->nkij", wy, x, wx)
+
+
+def dropout_mask(key, shape, drop_rate):
+    """The mask of kernels/cpu/tensor.pyx's dropout_train, written again in NumPy: u_i = the top
+    24 bits of splitmix64(key + (i+1) * golden); kept where u_i >= ceil(drop_rate * 2^24)."""
+    i = np.arange(1, int(np.prod(shape)) + 1, dtype=np.uint64)
+    z = np.full(i.shape, key, np.uint64) + i * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    thr = math.ceil(drop_rate * 16777216.0)
+    return ((z >> np.uint64(40)) >= np.uint64(thr)).astype(np.float64).reshape(shape)
+
+
+@layer_ref(dnn.softmax_all_)
+def _softmax_all(l, y, env):
+    n = y.shape[0]
+    return softmax(y.reshape(n, -1, 1, 1)).reshape(y.shape)
+
+
+@layer_ref(dnn.l2normalize_)
+def _l2normalize(l, y, env):
+    n = y.shape[0]
+    s = (y.reshape(n, -1) ** 2).sum(axis=1)
+    return y / np.sqrt(l.eps + s)[:, None, None, None]
+
+
+@layer_ref(dnn.multiply_)
+def _multiply(l, y, env):
+    return l.val * y
+
+
+@layer_ref(dnn.dropout_)
+def _dropout(l, y, env):
+    if env.train:        # inverted dropout: the kept values scaled by 1 / (1 - p)
+        keep = 0.0 if l.drop_rate >= 1 else 1.0 / (1.0 - l.drop_rate)
+        return y * dropout_mask(l.last_key, y.shape, l.drop_rate) * keep
+    return y
+
+
+@layer_ref(dnn.extract_)
+def _extract(l, y, env):
+    cnt = l.k * l.nr * l.nc
+    return y.reshape(y.shape[0], -1)[:, l.offset:l.offset + cnt].reshape(y.shape[0], l.k, l.nr, l.nc)
+
+
+@layer_ref(dnn.reorg_)
+def _reorg(l, y, env):
+    n, k, r, c = y.shape
+    rs, cs = l.row_stride, l.col_stride
+    out = np.zeros((n, k * rs * cs, r // rs, c // cs))
+    for dr in range(rs):
+        for dc in range(cs):
+            j = dr * cs + dc
+            out[:, j * k:(j + 1) * k] = y[:, :, dr::rs, dc::cs]
+    return out
+
+
+@layer_ref(dnn.upsample_)
+def _upsample(l, y, env):
+    return resize_bilinear(y, y.shape[2] * l.scale_y, y.shape[3] * l.scale_x)
+
+
+@layer_ref(dnn.resize_to_)
+def _resize_to(l, y, env):
+    return resize_bilinear(y, l.nr, l.nc)
+
+
+@layer_ref(dnn.resize_prev_to_tagged_)
+def _resize_prev_to_tagged(l, y, env):
+    t = env.tags[l.id]
+    return resize_bilinear(y, t.shape[2], t.shape[3])
+
+
+def _zero_padded(a, shape):
+    out = np.zeros(shape)
+    out[:a.shape[0], :a.shape[1], :a.shape[2], :a.shape[3]] = a
+    return out
+
+
+@layer_ref(dnn.mult_prev_)
+def _mult_prev(l, y, env):
+    t = env.tags[l.id]
+    shape = tuple(max(a, b) for a, b in zip(y.shape, t.shape))
+    return _zero_padded(y, shape) * _zero_padded(t, shape)
+
+
+@layer_ref(dnn.scale_)
+def _scale(l, y, env):
+    return env.tags[l.id] * y            # scales: the input (N, K, 1, 1)
+
+
+@layer_ref(dnn.scale_prev_)
+def _scale_prev(l, y, env):
+    return y * env.tags[l.id]            # scales: the tagged output (N, K, 1, 1)
+
+
+@layer_ref(dnn.concat_)
+def _concat(l, y, env):
+    return np.concatenate([np.asarray(env.tags[i], np.float64) for i in l.ids], axis=1)

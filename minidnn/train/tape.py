@@ -66,9 +66,15 @@ class Ctx:
 
 
 class Tape:
-    """The training forward/backward of a network (a chain of nodes, maybe with a loss on top)."""
+    """The training forward/backward of a network (a chain of nodes, maybe with a loss on top).
 
-    def __init__(self, net, input_grad=False):
+    ``seed`` and ``step`` say which training step a forward is (the trainer sets them: its
+    seed and the number of steps done); random layers (dropout) derive their masks from
+    (seed, step, layer index), so a run is reproducible and resumable without saving them.
+    """
+
+    def __init__(self, net, input_grad=False, seed=0):
+        self.seed, self.step = int(seed), 0
         chain = net.chain()
         top = chain[0].layer_details()
         self.loss = top if top.is_loss else None

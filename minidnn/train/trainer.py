@@ -254,6 +254,7 @@ class dnn_trainer:
 
     def _step(self, x, y):
         tape = self._tape
+        tape.seed, tape.step = self.seed, self._steps      # dropout masks come from these
         loss_layer = self.net.layer_details()
         out = tape.forward(np.ascontiguousarray(x))
         dout = np.empty(out.shape, np.float32)
