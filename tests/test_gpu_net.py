@@ -137,3 +137,61 @@ def test_conv_routes_match_reference_and_are_reported(route):
             assert relu_paths == {"fused cuDNN call"}
     finally:
         be.set_conv_route("auto")
+
+
+@gpu
+@pytest.mark.parametrize("graphs", [False, True])
+def test_get_output_of_a_gpu_net_is_the_numpy_output(graphs):
+    """node.get_output() on a GPU net: the CUDA backend is found from its GPUArrays
+    (ops.backend_of) and every node's output comes back as NumPy, as on the CPU."""
+    net = odd_net()
+    x = rand(3, 5, 17, 13)
+    prepared(net, x)
+    net.forward(x)
+    cpu = [n.get_output().copy() for n in net.chain()]
+    net.to("cuda", graphs=graphs)
+    assert all(n.get_output() is None for n in net.chain())     # nothing ran there yet
+    for _ in range(2):                                          # eager or captured, then replayed
+        net.forward(x)
+        for i, (n, want) in enumerate(zip(net.chain(), cpu)):
+            got = n.get_output()
+            assert isinstance(got, np.ndarray) and got.dtype == np.float32, (i, type(got))
+            R.assert_close(got, want.astype(np.float64))
+    assert dnn.ops.backend_of(net.forward_device(x)) is dnn.ops.backend("cuda")
+
+
+@gpu
+@pytest.mark.parametrize("route", ["own", "cudnn", "auto"])
+def test_activation_cudnn_lacks_runs_and_is_reported(route):
+    """A convolution whose epilogue is an activation cuDNN has not (sigmoid, code 4 of
+    activations.h): the own kernel applies it, or on the cuDNN route cuDNN's identity
+    epilogue and then the own activation kernel; backend_info says which."""
+    from minidnn.backends import cudnn
+    be = dnn.ops.backend("cuda")
+    net = dnn.fc(5, dnn.con(6, 3, 3, 1, 1, dnn.relu(dnn.con(4, 3, 3, 1, 1, dnn.input_tensor()))))
+    x = rand(2, 3, 9, 9)
+    net.forward(x)                                    # parameters exist now
+    dnn.layer(net, 1).layer_details().act = dnn.ops.Act(4, 0.0)
+    cpu = net.forward(x)
+    be.set_conv_route(route)
+    try:
+        net.to("cuda")
+        for _ in range(2):                            # first run builds, then capture/replay
+            R.assert_close(net.forward(x), cpu.astype(np.float64))
+        info = dnn.backend_info(net)
+        print(info)
+        convs = {c["layer"]: c for c in info["convolutions"]}
+        sig, rel = convs[1], convs[3]                 # con(6) with sigmoid, con(4) with relu
+        assert not sig["relu"] and sig["act"] == "activation 4"
+        assert rel["relu"] and rel["act"] == "relu"
+        if route == "own" or not info["cudnn"]:
+            assert sig["path"] == rel["path"] == "own kernel"
+        elif route == "cudnn":
+            own_act = {p + " + own activation kernel" for p in cudnn.PATH_NAMES.values()}
+            assert sig["path"] in own_act
+            assert sig["algorithm"] in cudnn.FWD_ALGOS
+            assert rel["path"] == "fused cuDNN call"
+        else:
+            assert sig["path"] == "own kernel" or sig["path"].endswith(" + own activation kernel")
+    finally:
+        be.set_conv_route("auto")
