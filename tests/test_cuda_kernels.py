@@ -617,7 +617,7 @@ def test_prepared_async_call_fallback(cu, tune, rng):
 # (name, code, param) for each code of kernels/common/activations.h; params away from
 # the defaults, so that a kernel ignoring its parameter fails
 ACTS = [("identity", 0, 0.0), ("relu", 1, 0.0), ("leaky_relu", 2, 0.1), ("prelu", 3, 0.25),
-        ("sigmoid", 4, 0.0), ("tanh", 5, 0.0), ("elu", 6, 0.7), ("gelu", 7, 0.0),
+        ("sig", 4, 0.0), ("htan", 5, 0.0), ("elu", 6, 0.7), ("gelu", 7, 0.0),
         ("mish", 8, 0.0), ("silu", 9, 0.0), ("clipped_relu", 10, 1.5), ("smelu", 11, 0.8)]
 ACT_IDS = [a[0] for a in ACTS]
 
@@ -857,6 +857,8 @@ def test_activation_codes_are_the_headers():
     import re
     codes = {int(v) for k, v in re.findall(r"#define MDNN_ACT_(\w+) (\d+)", header) if k != "COUNT"}
     assert codes == set(range(src.act_count())) == {a[1] for a in ACTS}
+    import minidnn  # noqa: F401  (its activation layers register their names)
+    assert {a[1]: a[0] for a in ACTS} == ops.ACT_NAMES
 
 
 @pytest.mark.skipif(os.environ.get("MINIDNN_TEST_NVCC") != "1" or shutil.which("nvcc") is None,

@@ -92,7 +92,7 @@ def test_identity_unmeasured_versions_stay_with_the_documented_algorithm(v, algo
 @pytest.mark.parametrize("v", [91400, 91900])
 @pytest.mark.parametrize("algo", FWD_ALGOS)
 def test_identity_measured_versions_follow_the_measurement(v, algo):
-    # measured on 9.14 and 9.19 (see the table in cudnn.py): the fused call with
+    # measured on 9.14 and 9.19 (see the table in cudnn/policy.py): the fused call with
     # identity answered SUCCESS for every algorithm but DIRECT.
     expected = UNFUSED if algo == "DIRECT" else FUSED
     assert cudnn.fused_policy(v, algo, IDENTITY) == expected
@@ -168,7 +168,7 @@ class _Arr:
 
 
 class FakeCudnn:
-    """Answers the calls cudnn.py makes; ``fused_answer(algo, act)`` decides the fused call."""
+    """Answers the calls the cudnn package makes; ``fused_answer(algo, act)`` decides the fused call."""
 
     def __init__(self, version, fused_answer, heuristic=("IMPLICIT_PRECOMP_GEMM",),
                  conv_answer=lambda algo: 0, workspace_answer=lambda algo: 0):
