@@ -37,6 +37,7 @@ from minidnn import ops                                 # noqa: E402
 
 cu = ops.backend("cuda")                                # retains the primary context first
 from minidnn.backends import cudnn                      # noqa: E402
+import pycuda.driver as drv                               # noqa: E402
 from bench_cpu import NETS, build, flops, torch_twin    # noqa: E402
 
 import torch                                            # noqa: E402
@@ -147,7 +148,7 @@ def main():
             "host": platform.node(), "python": platform.python_version(), "numpy": np.__version__,
             "torch": torch.__version__, "torch_cudnn": torch.backends.cudnn.version(),
             "minidnn_cudnn": cudnn.version_string() if cudnn.available() else None,
-            "cuda_driver": cu.drv.get_driver_version(), "tf32": False, "quick": a.quick}
+            "cuda_driver": drv.get_driver_version(), "tf32": False, "quick": a.quick}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)

@@ -30,20 +30,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_backend():
-    try:
-        return importlib.import_module("minidnn.backends.cuda")
-    except RuntimeError:
-        raise
-    except Exception:
-        spec = importlib.util.spec_from_file_location(
-            "minidnn_backends_cuda", ROOT / "minidnn" / "backends" / "cuda.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
+    return importlib.import_module("minidnn.backends.cuda")
 
 
 cu = load_backend()
-drv = cu.drv
+from minidnn.backends.cuda import autotune, gpu, kernels  # noqa: E402  (behind the contract)
+import pycuda.driver as drv  # noqa: E402
 
 import torch  # noqa: E402  (after the backend: it retains the primary context first)
 import torch.nn.functional as TF  # noqa: E402
@@ -233,8 +225,8 @@ def bench_convs(label, net_convs, quick, results):
         Ho, Wo = 1 + (H + 2 * p - k) // s, 1 + (W + 2 * p - k) // s
         xg, wg, bg, yg = cu.asarray(x), cu.asarray(w), cu.asarray(b), cu.empty((N, F, Ho, Wo))
         t = time_cu(lambda: cu.conv2d(xg, wg, bg, yg, s, s, p, p, True), reps)
-        key = [kk for kk in cu._plans if kk[0] == "conv" and kk[1] == (N, K, H, W) and kk[2] == (F, K, k, k)]
-        plan = cu._plans[key[-1]]
+        key = [kk for kk in kernels.plans if kk[0] == "conv" and kk[1] == (N, K, H, W) and kk[2] == (F, K, k, k)]
+        plan = kernels.plans[key[-1]]
         tx, tw, tb = (torch.from_numpy(a).cuda() for a in (x, w, b))
         tt = time_torch(lambda: TF.relu(TF.conv2d(tx, tw, tb, stride=s, padding=p)), reps)
         fl = flops_conv(N, K, H, W, F, k, s, p)
@@ -258,7 +250,7 @@ def main():
                     help="only run conv 128->128 28x28 batch 64 with this tile (for ncu)")
     a = ap.parse_args()
     if a.profile_one:
-        cu._force_gemm = (a.profile_one, 1)
+        autotune.force_gemm = (a.profile_one, 1)
         x, w, b = cu.empty((64, 128, 28, 28)), cu.empty((128, 128, 3, 3)), cu.empty((128,))
         for t in (x, w, b):
             cu.upload(t, np.random.default_rng(0).standard_normal(t.shape))
@@ -268,7 +260,7 @@ def main():
         cu.synchronize()
         return
     out = a.json or (os.path.join(os.environ["OUT"], "gpu_convs.json") if os.environ.get("OUT") else None)
-    res = dict(device=cu.device.name(), sm_count=cu._SM_COUNT,
+    res = dict(device=cu.device.name(), sm_count=gpu.SM_COUNT,
                driver=drv.get_driver_version(), pycuda=importlib.import_module("pycuda").VERSION_TEXT,
                torch=torch.__version__, cudnn=torch.backends.cudnn.version(),
                tf32=False, date=time.strftime("%Y-%m-%d %H:%M:%S"))

@@ -2,6 +2,10 @@
 from . import ops
 
 CPU_KERNEL, OWN_KERNEL = "CPU kernel", "own kernel"
+# appended to a cuDNN path when cuDNN cannot apply the convolution's activation
+# (backends/cuda/routing.py: cuDNN with the identity epilogue, then the own kernel)
+OWN_ACTIVATION = " + own activation kernel"
+_CONV_OPS = ("conv2d", "conv2d_residual")
 
 
 class BackendInfo(dict):
@@ -20,9 +24,10 @@ class BackendInfo(dict):
         for c in convs:
             algo = f", {c['algorithm']}" if c.get("algorithm") else ""
             fb = f" (fell back: {c['fallback']})" if c.get("fallback") else ""
+            act = c.get("act", "relu" if c.get("relu") else "identity")
             lines.append(f"layer<{c['layer']}> con {c['input']} * {c['filters']} stride "
                          f"{c['stride']} pad {c['padding']}{' +residual' if c.get('residual') else ''}"
-                         f"{' +relu' if c['relu'] else ''}: "
+                         f"{'' if act == 'identity' else ' +' + act}: "
                          f"{c['path']}{algo}{fb}")
         return "\n".join(lines)
 
@@ -32,10 +37,38 @@ def _use_cudnn(be):
     return flag() if callable(flag) else flag
 
 
+def _act_text(act):
+    """repr(act) ("relu", "leaky_relu(alpha=0.01)"), or its code for an activation no
+    layer has registered with ops."""
+    try:
+        return repr(act)
+    except KeyError:
+        return f"activation {act.code}" + (f"(param={act.param:g})" if act.param else "")
+
+
+def _as_act(a):
+    """An ops.Act for a step's act argument (an Act, a bool, or a (code, param) pair)."""
+    if isinstance(a, tuple) and not isinstance(a, ops.Act):
+        return ops.Act(int(a[0]), float(a[1]))
+    return ops.as_act(a)
+
+
+def _conv_steps(prog):
+    """(named arguments, op name) of each convolution step of a compiled Program: the
+    arguments bound by the op's OpSpec (ops.OPS), whatever their order."""
+    specs = getattr(prog, "specs", None) or [None] * len(prog.steps)
+    for (fn, args), spec in zip(prog.steps, specs):
+        spec = spec or ops.spec_of(fn)
+        if spec is not None and spec.name in _CONV_OPS:
+            yield spec.bind(args), spec.name
+
+
 def backend_info(net, input_shape=None):
     """Report the device of ``net``, the cuDNN version (decoded, e.g. "9.19.0") and, for
     each convolution of its compiled forward, the path it takes ("fused cuDNN call",
-    "unfused cuDNN calls", "own kernel", "CPU kernel") and the cuDNN algorithm.
+    "unfused cuDNN calls", "own kernel", "CPU kernel"; a cuDNN path + " + own activation
+    kernel" when cuDNN cannot apply the activation), the cuDNN algorithm, and its
+    activation (``act``: the ops.Act's repr; ``relu``: whether it is relu).
 
     The convolutions are those of the forward compiled at the last call of ``net``;
     ``input_shape`` (N, K, R, C) compiles one for that shape when there is none yet.
@@ -68,32 +101,31 @@ def backend_info(net, input_shape=None):
     for node, y in prog.outputs:              # bottom-up: the first owner of a buffer made it
         where.setdefault(id(y), nodes.index(node))
     routed = _use_cudnn(be) if be is not None else False
-    for fn, args in prog.steps:
-        name = getattr(fn, "__name__", None)
-        if name == "conv2d":
-            (x, w, b, y, sy, sx, py, px, relu), z = args, None
-        elif name == "conv2d_residual":         # a convolution that also adds its block's shortcut
-            x, w, b, z, y, sy, sx, py, px, relu = args
-        else:
-            continue
+    for a, name in _conv_steps(prog):
+        x, w, b, y = a["x"], a["w"], a["b"], a["y"]
+        residual = name == "conv2d_residual"     # also adds its block's shortcut
+        act = _as_act(a["act"])
+        sy, sx, py, px = a["stride_y"], a["stride_x"], a["pad_y"], a["pad_x"]
         c = {"layer": where.get(id(y)), "input": tuple(x.shape), "filters": tuple(w.shape),
-             "stride": (sy, sx), "padding": (py, px), "relu": bool(relu), "bias": b is not None,
-             "residual": z is not None,
+             "stride": (sy, sx), "padding": (py, px), "relu": act.code == ops.RELU.code,
+             "act": _act_text(act), "bias": b is not None, "residual": residual,
              "path": CPU_KERNEL if be is None else OWN_KERNEL, "algorithm": None,
              "fallback": None}
         route = getattr(be, "conv_route", None)
         if route is not None:
-            route = route(x.shape, w.shape, sy, sx, py, px, relu, residual=z is not None)
+            route = route(x.shape, w.shape, sy, sx, py, px, act, residual=residual)
         if route == "own":
             pass
         elif be is not None and info["cudnn"]:
-            geometry = (x.shape, w.shape, sy, sx, py, px, relu)
-            p = cudnn.conv_path(*geometry, plan=False, residual=z is not None)
+            # what cuDNN itself applies: the activation, or identity and then the own kernel
+            cudnn_act = cudnn.cudnn_activation(act)
+            post = cudnn_act is None
+            geometry = (x.shape, w.shape, sy, sx, py, px, cudnn.IDENTITY if post else cudnn_act)
+            p = cudnn.conv_path(*geometry, plan=False, residual=residual)
             if (p is None or p["calls"] == 0) and routed:
-                p = cudnn.conv_path(*geometry, plan=True, residual=z is not None)
+                p = cudnn.conv_path(*geometry, plan=True, residual=residual)
             if p is not None and (p["calls"] > 0 or routed):
-                c.update(path=cudnn.PATH_NAMES[p["path"]], algorithm=p["algorithm"],
-                         fallback=p["fallback"])
+                c.update(path=cudnn.PATH_NAMES[p["path"]] + (OWN_ACTIVATION if post else ""),
+                         algorithm=p["algorithm"], fallback=p["fallback"])
         info["convolutions"].append(c)
     return info
-

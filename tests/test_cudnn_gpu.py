@@ -1,7 +1,8 @@
-"""The cuDNN path on a GPU (run with --gpu): cuDNN vs a float64 NumPy reference and
-vs the own kernels, the fallback through fault injection and through the DIRECT
-algorithm, backend_info, and every cuDNN build on the machine (each in its own
-process, through MINIDNN_CUDNN_PATH).
+"""The cuDNN path on a GPU (run with --gpu): cuDNN (minidnn/backends/cudnn/) vs a
+float64 NumPy reference and vs the own kernels, the fallback through fault
+injection and through the DIRECT algorithm, backend_info, activations cuDNN
+lacks, and every cuDNN build on the machine (each in its own process, through
+MINIDNN_CUDNN_PATH).
 """
 import glob
 import json
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from minidnn.backends import cudnn
+from minidnn.backends.cudnn import plans as cudnn_plans
 
 pytestmark = pytest.mark.gpu
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,7 +133,7 @@ def test_repeated_calls_reuse_the_plan(fresh):
     for _ in range(3):
         np.testing.assert_array_equal(run(x, w, b, stride, pad, True), first)
     assert cudnn.conv_path(xs, ws, *stride, *pad, True)["calls"] == 4
-    assert len(cudnn._plans) == 1
+    assert len(cudnn_plans._plans) == 1
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -173,9 +175,9 @@ def test_forced_direct_works(fresh, shape, relu):
     print(f"DIRECT {xs} {ws} relu={relu}: {info}")
     if info["algorithm"] != "DIRECT":
         assert "DIRECT: NOT_SUPPORTED" in info["note"], info
-    remembered = dict(cudnn._fallback)
+    remembered = dict(cudnn_plans._fallback)
     np.testing.assert_array_equal(run(x, w, b, stride, pad, relu), first)
-    assert cudnn._fallback == remembered          # nothing new was tried
+    assert cudnn_plans._fallback == remembered          # nothing new was tried
 
 
 def test_direct_is_a_real_fallback_on_9_19(fresh):
@@ -187,7 +189,7 @@ def test_direct_is_a_real_fallback_on_9_19(fresh):
     cudnn.force_algorithm("DIRECT")
     got = run(x, w, b, stride, pad, True)
     key = (xs, ws, stride, pad, "DIRECT", cudnn.RELU)
-    assert cudnn._fallback.get(key, "").startswith("NOT_SUPPORTED"), cudnn._fallback
+    assert cudnn_plans._fallback.get(key, "").startswith("NOT_SUPPORTED"), cudnn_plans._fallback
     close(got, reference(x, w, b, stride, pad, True))
     np.testing.assert_array_equal(run(x, w, b, stride, pad, True), got)
 
@@ -200,11 +202,11 @@ def test_stream_is_the_backends(fresh):
         xs, ws, stride, pad = SHAPES[1]
         x, w, b = data(xs, ws, True)
         close(run(x, w, b, stride, pad, True), reference(x, w, b, stride, pad, True))
-        ctx = next(iter(cudnn._contexts.values()))
+        ctx = next(iter(cudnn_plans._contexts.values()))
         assert ctx.stream == s.handle
     finally:
         cudnn.set_stream(None)
-        cudnn._settings["stream"] = None
+        cudnn_plans._settings["stream"] = None
 
 
 def _own_kernels():
@@ -276,6 +278,7 @@ def test_backend_info_reports_each_convolution(fresh):
         if c["path"] != "own kernel":
             assert c["algorithm"] in cudnn.FWD_ALGOS
     assert [c["relu"] for c in info["convolutions"]] == [False, True]
+    assert [c["act"] for c in info["convolutions"]] == ["identity", "relu"]
 
 
 # -- conv2d_residual: z added before the activation (fused: alpha2 = 1) ----------------

@@ -15,6 +15,8 @@ import pytest
 
 from minidnn.backends import cudnn
 from minidnn.backends.cudnn import FUSED, FWD_ALGOS, IDENTITY, RELU, UNFUSED
+from minidnn.backends.cudnn import library as cudnn_library
+from minidnn.backends.cudnn import plans as cudnn_plans
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERSIONS = (7605, 8907, 90100, 91400, 91900)
@@ -90,7 +92,7 @@ def test_identity_unmeasured_versions_stay_with_the_documented_algorithm(v, algo
 @pytest.mark.parametrize("v", [91400, 91900])
 @pytest.mark.parametrize("algo", FWD_ALGOS)
 def test_identity_measured_versions_follow_the_measurement(v, algo):
-    # measured on 9.14 and 9.19 (see the table in cudnn.py): the fused call with
+    # measured on 9.14 and 9.19 (see the table in cudnn/policy.py): the fused call with
     # identity answered SUCCESS for every algorithm but DIRECT.
     expected = UNFUSED if algo == "DIRECT" else FUSED
     assert cudnn.fused_policy(v, algo, IDENTITY) == expected
@@ -166,7 +168,7 @@ class _Arr:
 
 
 class FakeCudnn:
-    """Answers the calls cudnn.py makes; ``fused_answer(algo, act)`` decides the fused call."""
+    """Answers the calls the cudnn package makes; ``fused_answer(algo, act)`` decides the fused call."""
 
     def __init__(self, version, fused_answer, heuristic=("IMPLICIT_PRECOMP_GEMM",),
                  conv_answer=lambda algo: 0, workspace_answer=lambda algo: 0):
@@ -207,7 +209,7 @@ class FakeCudnn:
         return f
 
 
-class _FakeCtx(cudnn._Context):
+class _FakeCtx(cudnn_plans._Context):
     def zero_bias(self, f):
         return _Arr((f,), 7)
 
@@ -216,18 +218,18 @@ class _FakeCtx(cudnn._Context):
 def fake(monkeypatch):
     def install(version, fused_answer, **kw):
         lib = FakeCudnn(version, fused_answer, **kw)
-        monkeypatch.setitem(cudnn._state, "lib", lib)
-        monkeypatch.setitem(cudnn._state, "version", version)
-        monkeypatch.setitem(cudnn._state, "loaded", True)
+        monkeypatch.setitem(cudnn_library._state, "lib", lib)
+        monkeypatch.setitem(cudnn_library._state, "version", version)
+        monkeypatch.setitem(cudnn_library._state, "loaded", True)
         ctx = []
-        monkeypatch.setattr(cudnn, "_current_context",
+        monkeypatch.setattr(cudnn_plans, "_current_context",
                             lambda: ("fake", ctx[0] if ctx else ctx.append(_FakeCtx()) or ctx[0]))
-        monkeypatch.setattr(cudnn, "_contexts", {})
-        monkeypatch.setattr(cudnn, "_plans", {})
-        monkeypatch.setattr(cudnn, "_fallback", {})
-        monkeypatch.setattr(cudnn, "_activations", {})
-        monkeypatch.setattr(cudnn, "_settings", {"stream": False, "algo": None, "fused": None,
-                                                 "find": None})
+        monkeypatch.setattr(cudnn_plans, "_contexts", {})
+        monkeypatch.setattr(cudnn_plans, "_plans", {})
+        monkeypatch.setattr(cudnn_plans, "_fallback", {})
+        monkeypatch.setattr(cudnn_plans, "_activations", {})
+        monkeypatch.setattr(cudnn_plans, "_settings", {"stream": False, "algo": None,
+                                                       "fused": None, "find": None})
         return lib
     return install
 
@@ -305,7 +307,7 @@ def test_fault_injection_needs_no_library_answer(fake):
         assert _conv(lib, relu=True) == ["cudnnConvolutionForward", "cudnnAddTensor",
                                          "cudnnActivationForward"]
         assert inj["count"] == 1
-    assert not cudnn._inject["active"]
+    assert not cudnn_plans._inject["active"]
 
 
 def test_forced_algorithm_is_used(fake):
@@ -333,7 +335,7 @@ def test_forced_algorithm_that_cudnn_refuses_moves_on(fake, v):
     info = cudnn.conv_path((2, 3, 8, 8), (4, 3, 3, 3), 1, 1, 1, 1, True)
     assert info["algorithm"] == "IMPLICIT_PRECOMP_GEMM" and info["path"] == FUSED
     assert "DIRECT: NOT_SUPPORTED" in info["note"]
-    assert ((2, 3, 8, 8), (4, 3, 3, 3), (1, 1), (1, 1), "DIRECT", RELU) in cudnn._fallback
+    assert ((2, 3, 8, 8), (4, 3, 3, 3), (1, 1), (1, 1), "DIRECT", RELU) in cudnn_plans._fallback
     # remembered: the next call goes straight to the algorithm that works
     assert _conv(lib, relu=True) == ["cudnnConvolutionBiasActivationForward"]
 
@@ -356,3 +358,27 @@ def test_perf_struct_layout():
     # cudnnConvolutionFwdAlgoPerf_t: int, int, float, size_t, int, int, int[3]
     assert ctypes.sizeof(cudnn.FwdAlgoPerf) == 48
     assert cudnn.FwdAlgoPerf.memory.offset == 16
+
+
+# -- activations cuDNN can apply -------------------------------------------------------
+def test_cudnn_applies_only_identity_and_relu():
+    from minidnn import ops
+    assert cudnn.cudnn_activation(None) == cudnn.cudnn_activation(False) == IDENTITY
+    assert cudnn.cudnn_activation(ops.IDENTITY) == cudnn.cudnn_activation(IDENTITY) == IDENTITY
+    assert cudnn.cudnn_activation(True) == cudnn.cudnn_activation(ops.RELU) == RELU
+    assert cudnn.cudnn_activation(RELU) == cudnn.cudnn_activation((1, 0.0)) == RELU
+    for code in range(2, 12):                    # leaky_relu .. smelu (activations.h)
+        assert cudnn.cudnn_activation(ops.Act(code, 0.5)) is None
+    with pytest.raises(ValueError):
+        cudnn.cudnn_activation("sigmoid")
+
+
+def test_other_activations_are_refused_before_any_call(fake):
+    from minidnn import ops
+    lib = fake(91900, lambda algo, act: 0)
+    lib.out_dims = (2, 4, 8, 8)
+    with pytest.raises(ValueError, match="relu and identity"):
+        cudnn.conv2d(_Arr((2, 3, 8, 8), 1), _Arr((4, 3, 3, 3), 2), None, _Arr((2, 4, 8, 8), 4),
+                     1, 1, 1, 1, ops.Act(4, 0.0))
+    assert "cudnnConvolutionBiasActivationForward" not in lib.calls
+    assert _conv(lib, relu=ops.RELU) == ["cudnnConvolutionBiasActivationForward"]

@@ -137,3 +137,70 @@ def test_conv_routes_match_reference_and_are_reported(route):
             assert relu_paths == {"fused cuDNN call"}
     finally:
         be.set_conv_route("auto")
+
+
+@gpu
+@pytest.mark.parametrize("graphs", [False, True])
+def test_get_output_of_a_gpu_net_is_the_numpy_output(graphs):
+    """node.get_output() on a GPU net: the CUDA backend is found from its GPUArrays
+    (ops.backend_of) and every node's output comes back as NumPy, as on the CPU."""
+    net = odd_net()
+    x, x2 = rand(3, 5, 17, 13), rand(3, 5, 17, 13)
+    prepared(net, x)
+    net.forward(x2)
+    cpu = [n.get_output().copy() for n in net.chain()]           # the outputs for x2
+    net.forward(x)                        # the CPU program's last outputs are x's now
+    top_x = net.get_output().copy()
+    net.to("cuda", graphs=graphs)
+    for _ in range(2):                                          # eager or captured, then replayed
+        net.forward(x2)
+        for i, (n, want) in enumerate(zip(net.chain(), cpu)):
+            got = n.get_output()
+            assert isinstance(got, np.ndarray) and got.dtype == np.float32, (i, type(got))
+            R.assert_close(got, want.astype(np.float64))
+        assert not np.allclose(net.get_output(), top_x)          # the GPU's, not the CPU's
+    assert dnn.ops.backend_of(net.forward_device(x)) is dnn.ops.backend("cuda")
+
+
+ACT_LAYERS = [("sig", dnn.sig), ("leaky_relu", lambda n: dnn.leaky_relu(n, alpha=0.2)),
+              ("clipped_relu", lambda n: dnn.clipped_relu(n, ceiling=1.5)), ("gelu", dnn.gelu)]
+
+
+@gpu
+@pytest.mark.parametrize("route", ["own", "cudnn", "auto"])
+@pytest.mark.parametrize("act_layer", ACT_LAYERS, ids=[a[0] for a in ACT_LAYERS])
+def test_activation_cudnn_lacks_runs_and_is_reported(route, act_layer):
+    """A convolution whose epilogue is an activation cuDNN has not (the compiled forward
+    moves the activation layer above it into its epilogue): the own kernel applies it,
+    or on the cuDNN route cuDNN's identity epilogue and then the own activation kernel;
+    backend_info says which."""
+    from minidnn.backends import cudnn
+    name, factory = act_layer
+    be = dnn.ops.backend("cuda")
+    net = dnn.fc(5, factory(dnn.con(6, 3, 3, 1, 1, dnn.relu(dnn.con(4, 3, 3, 1, 1,
+                                                                        dnn.input_tensor())))))
+    x = rand(2, 3, 9, 9)
+    cpu = net.forward(x)
+    act = dnn.layer(net, 1).layer_details().act
+    be.set_conv_route(route)
+    try:
+        net.to("cuda")
+        for _ in range(2):                            # first run builds, then capture/replay
+            R.assert_close(net.forward(x), cpu.astype(np.float64))
+        info = dnn.backend_info(net)
+        print(info)
+        convs = {c["layer"]: c for c in info["convolutions"]}
+        sig, rel = convs[2], convs[4]                 # con(6) + the activation, con(4) + relu
+        assert not sig["relu"] and sig["act"] == repr(act) and sig["act"].startswith(name)
+        assert rel["relu"] and rel["act"] == "relu"
+        if route == "own" or not info["cudnn"]:
+            assert sig["path"] == rel["path"] == "own kernel"
+        elif route == "cudnn":
+            own_act = {p + " + own activation kernel" for p in cudnn.PATH_NAMES.values()}
+            assert sig["path"] in own_act
+            assert sig["algorithm"] in cudnn.FWD_ALGOS
+            assert rel["path"] == "fused cuDNN call"
+        else:
+            assert sig["path"] == "own kernel" or sig["path"].endswith(" + own activation kernel")
+    finally:
+        be.set_conv_route("auto")

@@ -1,92 +1,73 @@
 // conv.cu -- 2-D convolution (cross-correlation) as a tiled implicit GEMM.
 // fp32 in, fp32 accumulate, FFMA only (no TF32). Compiled at run time by
-// PyCUDA (minidnn/backends/cuda.py); self-contained: no #include, so that
-// PyCUDA's disk cache keys on this text alone.
+// PyCUDA (minidnn/backends/cuda/kernels.py), with gemm_tile.cuh (the tile core
+// it shares with gemm.cu) and activations.h (kernels/common) inlined into the
+// source first (minidnn/backends/cuda/source.py), so that PyCUDA's disk cache
+// keys on the whole text.
 //
 // x: (N, K, R, C)   w: (F, K, nr, nc)   b: (F,) or NULL   y: (N, F, Ro, Co)
-// z: (N, F, Ro, Co) or NULL: a residual added before the relu (conv2d_residual);
-//    it never aliases y.
+// z: (N, F, Ro, Co) or NULL: a residual added before the activation
+//    (conv2d_residual); it never aliases y.
+// act, act_p: the epilogue's activation (MDNN_ACT_* code and its parameter).
 //
 // GEMM view, per output element:
-//   y[f, p] = sum_q w[f, q] * X[q, p]  (+ b[f], + z[f, p], then max(., 0) if relu)
+//   y[f, p] = act(sum_q w[f, q] * X[q, p] + b[f] + z[f, p])
 //   f in [0, F)                  GEMM rows     (M)
 //   p = (n, oy, ox), P = Ro*Co   GEMM columns  (Ncols = N*P)
 //   q = (k, r, c)                reduction     (Kd = K*nr*nc; w is (F, Kd) row-major)
 //   X[q, p] = x[n, k, oy*sy - py + r, ox*sx - px + c], 0 outside the image
-// X is never materialised: each block gathers its (BK x BN) tile of X into
-// shared memory straight from x. tab[q] = {k*R*C + r*C + c, (r << 16) | c}
-// is a per-shape table the host builds once, so the gather needs no division.
+// X is never materialised: each block gathers its (BK x BN) slab of X into
+// shared memory straight from x (ConvGather). tab[q] = {k*R*C + r*C + c,
+// (r << 16) | c} is a per-shape table the host builds once, so the gather
+// needs no division.
 //
 // Split-K: blockIdx.z takes the reduction range [z*kchunk, (z+1)*kchunk);
-// with gridDim.z > 1 the host passes b = z = NULL, relu = 0 and out_zstride =
-// |y|, each slice writes raw partial sums to its own slab of a workspace, and
-// eltwise.cu's splitk_reduce adds them up and applies bias, residual and ReLU.
+// with gridDim.z > 1 the host passes b = z = NULL, act = identity and
+// out_zstride = |y|, each slice writes raw partial sums to its own slab of a
+// workspace, and eltwise.cu's splitk_reduce adds them up and applies bias,
+// residual and activation.
 
-#define SMEM_PAD 4   // keeps float4 alignment, breaks store bank conflicts
+#include "gemm_tile.cuh"
 
-template <int BM, int BN, int BK, int TM, int TN>
-__device__ __forceinline__ void conv_igemm(
-    const float* __restrict__ x, const float* __restrict__ w,
-    const float* __restrict__ b, const float* __restrict__ z, float* __restrict__ y,
-    const int2* __restrict__ tab,
-    int F, int Kd, int R, int C, int KRC, int Co, int P, int Ncols,
-    int sy, int sx, int py, int px, int relu, int kchunk,
-    long long out_zstride, int vec_store)
-{
-    constexpr int NT = (BM / TM) * (BN / TN);   // threads per block
-    constexpr int LA = BM * BK / NT;            // A (weights) elements per thread
-    constexpr int LB = BK * BN / NT;            // B (gathered x) elements per thread
-    constexpr int KSTEP = NT / BN;              // row step between a thread's B elements
-    constexpr int GM = TM / 4, GN = TN / 4;     // float4 groups per thread and dim
-    static_assert(NT % BN == 0 && (BM * BK) % NT == 0 && (BK * BN) % NT == 0, "tile");
-    static_assert(TM % 4 == 0 && TN % 4 == 0, "micro tile");
+// The B operand of the convolution's GEMM: a (BK x BN) slab of X. Thread t
+// gathers the one output pixel (GEMM column) jb = t % BN, reduction rows
+// kkb + i*KSTEP of the slab.
+template <int BN, int BK, int NT>
+struct ConvGather {
+    static constexpr int L = BK * BN / NT;
+    static constexpr int KSTEP = NT / BN;      // row step between a thread's elements
+    static_assert(NT % BN == 0 && (BK * BN) % NT == 0, "tile");
+    const int2* __restrict__ tab;
+    const float* xs;                            // x of this thread's sample
+    int R, C, iy0, ix0, pix_off, jb, kkb;
+    bool pvalid;
+    float r[L];
 
-    __shared__ __align__(16) float As[2][BK][BM + SMEM_PAD];
-    __shared__ __align__(16) float Bs[2][BK][BN + SMEM_PAD];
-
-    const int tid = threadIdx.x;
-    const int tx = tid % (BN / TN);
-    const int ty = tid / (BN / TN);
-    const int p0 = blockIdx.x * BN;
-    const int m0 = blockIdx.y * BM;
-    const int kbeg = blockIdx.z * kchunk;
-    const int kend = min(Kd, kbeg + kchunk);
-
-    // The one output pixel (GEMM column) this thread gathers for B.
-    const int jb = tid % BN;
-    const int kkb = tid / BN;
-    const int pb = p0 + jb;
-    const bool pvalid = pb < Ncols;
-    int iy0 = 0, ix0 = 0;
-    const float* xs = x;
-    if (pvalid) {
-        const int n = pb / P;
-        const int pix = pb - n * P;
-        const int oy = pix / Co;
-        const int ox = pix - oy * Co;
-        iy0 = oy * sy - py;
-        ix0 = ox * sx - px;
-        xs = x + (size_t)n * KRC;
-    }
-    const int pix_off = iy0 * C + ix0;   // may be negative; only used in bounds
-
-    float ra[LA], rb[LB];
-    float acc[TM][TN];
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
-
-    auto load_tiles = [&](int k0) {
-#pragma unroll
-        for (int i = 0; i < LA; ++i) {
-            const int e = tid + i * NT;
-            const int m = e / BK, kk = e % BK;
-            const int f = m0 + m, q = k0 + kk;
-            ra[i] = (f < F && q < kend) ? __ldg(w + (size_t)f * Kd + q) : 0.f;
+    __device__ __forceinline__ ConvGather(const float* __restrict__ x, const int2* __restrict__ tab_,
+                                          int p0, int Ncols, int P, int Co, int KRC, int R_, int C_,
+                                          int sy, int sx, int py, int px)
+        : tab(tab_), xs(x), R(R_), C(C_), iy0(0), ix0(0)
+    {
+        jb = threadIdx.x % BN;
+        kkb = threadIdx.x / BN;
+        const int pb = p0 + jb;
+        pvalid = pb < Ncols;
+        if (pvalid) {
+            const int n = pb / P;
+            const int pix = pb - n * P;
+            const int oy = pix / Co;
+            const int ox = pix - oy * Co;
+            iy0 = oy * sy - py;
+            ix0 = ox * sx - px;
+            xs = x + (size_t)n * KRC;
         }
+        pix_off = iy0 * C + ix0;                // may be negative; only used in bounds
+    }
+
+    __device__ __forceinline__ void load(int k0, int kend)
+    {
 #pragma unroll
-        for (int i = 0; i < LB; ++i) {
+        for (int i = 0; i < L; ++i) {
             const int q = k0 + kkb + i * KSTEP;
             float v = 0.f;
             if (pvalid && q < kend) {
@@ -96,64 +77,38 @@ __device__ __forceinline__ void conv_igemm(
                 if ((unsigned)iy < (unsigned)R && (unsigned)ix < (unsigned)C)
                     v = __ldg(xs + pix_off + t.x);
             }
-            rb[i] = v;
+            r[i] = v;
         }
-    };
-    auto store_tiles = [&](int buf) {
-#pragma unroll
-        for (int i = 0; i < LA; ++i) {
-            const int e = tid + i * NT;
-            As[buf][e % BK][e / BK] = ra[i];
-        }
-#pragma unroll
-        for (int i = 0; i < LB; ++i) Bs[buf][kkb + i * KSTEP][jb] = rb[i];
-    };
-
-    load_tiles(kbeg);
-    store_tiles(0);
-    __syncthreads();
-
-    int buf = 0;
-    for (int k0 = kbeg; k0 < kend; k0 += BK) {
-        const bool more = k0 + BK < kend;
-        if (more) load_tiles(k0 + BK);   // global loads in flight during the FMAs
-#pragma unroll
-        for (int kk = 0; kk < BK; ++kk) {
-            float a[TM], bv[TN];
-#pragma unroll
-            for (int g = 0; g < GM; ++g) {
-                const float4 t = *reinterpret_cast<const float4*>(&As[buf][kk][g * (BM / GM) + ty * 4]);
-                a[g * 4 + 0] = t.x; a[g * 4 + 1] = t.y; a[g * 4 + 2] = t.z; a[g * 4 + 3] = t.w;
-            }
-#pragma unroll
-            for (int g = 0; g < GN; ++g) {
-                const float4 t = *reinterpret_cast<const float4*>(&Bs[buf][kk][g * (BN / GN) + tx * 4]);
-                bv[g * 4 + 0] = t.x; bv[g * 4 + 1] = t.y; bv[g * 4 + 2] = t.z; bv[g * 4 + 3] = t.w;
-            }
-#pragma unroll
-            for (int i = 0; i < TM; ++i)
-#pragma unroll
-                for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], bv[j], acc[i][j]);
-        }
-        if (more) store_tiles(buf ^ 1);   // the other buffer: nobody reads it now
-        __syncthreads();
-        buf ^= 1;
     }
 
-    // Epilogue: bias, residual, ReLU, store to y (N, F, Ro, Co) or to this
-    // slice's slab. z (same layout and alignment class as y) is read at the
-    // offsets y is written to.
-    float* out = y + (long long)blockIdx.z * out_zstride;
+    __device__ __forceinline__ void store(float (&S)[2][BK][BN + MDNN_SMEM_PAD], int buf) const
+    {
+#pragma unroll
+        for (int i = 0; i < L; ++i) S[buf][kkb + i * KSTEP][jb] = r[i];
+    }
+};
+
+// Bias, residual, activation, store to y (N, F, Ro, Co) or to this slice's slab.
+// z (same layout and alignment class as y) is read at the offsets y is written to.
+template <int BM, int BN, int BK, int TM, int TN, int ACT>
+__device__ __forceinline__ void conv_epilogue(
+    const float (&acc)[TM][TN], const float* __restrict__ b, const float* __restrict__ z,
+    float* __restrict__ out, int m0, int p0, int F, int P, int Ncols, int act, float act_p,
+    int vec_store)
+{
+    using T = TileShape<BM, BN, BK, TM, TN>;
+    constexpr int GM = T::GM, GN = T::GN;
+    const int tx = T::tx(), ty = T::ty();
 #pragma unroll
     for (int gi = 0; gi < GM; ++gi)
 #pragma unroll
     for (int i4 = 0; i4 < 4; ++i4) {
-        const int f = m0 + gi * (BM / GM) + ty * 4 + i4;
+        const int f = m0 + T::row(ty, gi * 4 + i4);
         if (f >= F) continue;
         const float bias = b ? __ldg(b + f) : 0.f;
 #pragma unroll
         for (int gj = 0; gj < GN; ++gj) {
-            const int p = p0 + gj * (BN / GN) + tx * 4;   // multiple of 4
+            const int p = p0 + T::col(tx, gj * 4);      // multiple of 4
             if (p >= Ncols) continue;
             float v[4];
 #pragma unroll
@@ -169,7 +124,7 @@ __device__ __forceinline__ void conv_igemm(
                     v[0] += r.x; v[1] += r.y; v[2] += r.z; v[3] += r.w;
                 }
 #pragma unroll
-                for (int j4 = 0; j4 < 4; ++j4) v[j4] = relu ? fmaxf(v[j4], 0.f) : v[j4];
+                for (int j4 = 0; j4 < 4; ++j4) v[j4] = tile_act<ACT>(act, v[j4], act_p);
                 *reinterpret_cast<float4*>(out + o) = make_float4(v[0], v[1], v[2], v[3]);
             } else {
 #pragma unroll
@@ -180,7 +135,7 @@ __device__ __forceinline__ void conv_igemm(
                         const size_t o = ((size_t)nj * F + f) * P + (pj - nj * P);
                         float t = v[j4];
                         if (z) t += __ldg(z + o);
-                        out[o] = relu ? fmaxf(t, 0.f) : t;
+                        out[o] = tile_act<ACT>(act, t, act_p);
                     }
                 }
             }
@@ -188,16 +143,46 @@ __device__ __forceinline__ void conv_igemm(
     }
 }
 
+template <int BM, int BN, int BK, int TM, int TN>
+__device__ __forceinline__ void conv_igemm(
+    const float* __restrict__ x, const float* __restrict__ w,
+    const float* __restrict__ b, const float* __restrict__ z, float* __restrict__ y,
+    const int2* __restrict__ tab,
+    int F, int Kd, int R, int C, int KRC, int Co, int P, int Ncols,
+    int sy, int sx, int py, int px, int act, float act_p, int kchunk,
+    long long out_zstride, int vec_store)
+{
+    constexpr int NT = TileShape<BM, BN, BK, TM, TN>::NT;
+    const int p0 = blockIdx.x * BN;
+    const int m0 = blockIdx.y * BM;
+    const int kbeg = blockIdx.z * kchunk;
+    const int kend = min(Kd, kbeg + kchunk);
+
+    RowTile<BM, BK, NT> la(w, F, Kd, m0);
+    ConvGather<BN, BK, NT> lb(x, tab, p0, Ncols, P, Co, KRC, R, C, sy, sx, py, px);
+    float acc[TM][TN];
+    tile_mainloop<BM, BN, BK, TM, TN, true>(la, lb, kbeg, kend, acc);
+
+    float* out = y + (long long)blockIdx.z * out_zstride;
+#define CONV_EPILOGUE(ACT)                                                       \
+    conv_epilogue<BM, BN, BK, TM, TN, ACT>(acc, b, z, out, m0, p0, F, P, Ncols, act, act_p, \
+                                           vec_store)
+    MDNN_TILE_ACT_DISPATCH(act, CONV_EPILOGUE);
+#undef CONV_EPILOGUE
+}
+
+// The kernels' parameters (the host derives each kernel's argument format
+// from its signature: minidnn/backends/cuda/source.py).
 #define CONV_ARGS                                                              \
     const float* __restrict__ x, const float* __restrict__ w,                  \
     const float* __restrict__ b, const float* __restrict__ z,                  \
     float* __restrict__ y,                                                     \
     const int2* __restrict__ tab,                                              \
     int F, int Kd, int R, int C, int KRC, int Co, int P, int Ncols,            \
-    int sy, int sx, int py, int px, int relu, int kchunk,                      \
+    int sy, int sx, int py, int px, int act, float act_p, int kchunk,          \
     long long out_zstride, int vec_store
 #define CONV_PASS x, w, b, z, y, tab, F, Kd, R, C, KRC, Co, P, Ncols, sy, sx, py, px, \
-    relu, kchunk, out_zstride, vec_store
+    act, act_p, kchunk, out_zstride, vec_store
 
 // 128 filters x 128 pixels per block, 8x8 per thread: large layers.
 extern "C" __global__ void __launch_bounds__(256, 2) conv_128x128(CONV_ARGS)

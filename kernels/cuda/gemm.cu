@@ -1,124 +1,45 @@
-// gemm.cu -- fully connected layer: y = x @ w.T + b, then ReLU if asked.
-// fp32 in, fp32 accumulate, FFMA only (no TF32). Self-contained (no #include).
+// gemm.cu -- fully connected layer: y = act(x @ w.T + b).
+// fp32 in, fp32 accumulate, FFMA only (no TF32). The tile core is
+// gemm_tile.cuh (shared with conv.cu); activations come from activations.h.
 //
 // x: (N, D)   w: (O, D)   b: (O,) or NULL   y: (N, O)   all row-major
+// act, act_p: the epilogue's activation (MDNN_ACT_* code and its parameter).
 //
-// fc_tile: tiled SGEMM "NT" (both operands D-contiguous). A block computes a
-//   (BM rows of x) x (BN rows of w) tile of y; tiles of both operands are
-//   loaded D-contiguous and stored transposed into shared memory, double
-//   buffered through registers. Split-K over D like conv.cu: with
-//   gridDim.z > 1 the host passes b = NULL, relu = 0, out_zstride = N*O and
-//   eltwise.cu's splitk_reduce finishes the job.
+// fc_tile: tiled SGEMM "NT" (both operands D-contiguous): a block computes a
+//   (BM rows of x) x (BN rows of w) tile of y with tile_mainloop, both slabs
+//   fetched by RowTile. Split-K over D like conv.cu: with gridDim.z > 1 the
+//   host passes b = NULL, act = identity, out_zstride = N*O and eltwise.cu's
+//   splitk_reduce finishes the job.
 // fc_small: N <= 8 (batch-1 latency): one warp per output column j reads
 //   w[j, :] once, coalesced, and dots it with every row of x.
 
-#define SMEM_PAD 4
+#include "gemm_tile.cuh"
 
-template <int BM, int BN, int BK, int TM, int TN>
-__device__ __forceinline__ void sgemm_nt(
-    const float* __restrict__ A, const float* __restrict__ B,
-    const float* __restrict__ bias, float* __restrict__ Cout,
-    int M, int Nn, int Kd, int relu, int kchunk, long long out_zstride, int vec_store)
+// Bias (per column), activation, store to C (M, Nn) or to this slice's slab.
+template <int BM, int BN, int BK, int TM, int TN, int ACT>
+__device__ __forceinline__ void fc_epilogue(
+    const float (&acc)[TM][TN], const float* __restrict__ bias, float* __restrict__ out,
+    int i0, int j0, int M, int Nn, int act, float act_p, int vec_store)
 {
-    // C[i, j] = sum_k A[i, k] * B[j, k];  A: (M, Kd), B: (Nn, Kd), C: (M, Nn)
-    constexpr int NT = (BM / TM) * (BN / TN);
-    constexpr int LA = BM * BK / NT;
-    constexpr int LB = BN * BK / NT;
-    constexpr int GM = TM / 4, GN = TN / 4;
-    static_assert((BM * BK) % NT == 0 && (BN * BK) % NT == 0, "tile");
-
-    __shared__ __align__(16) float As[2][BK][BM + SMEM_PAD];
-    __shared__ __align__(16) float Bs[2][BK][BN + SMEM_PAD];
-
-    const int tid = threadIdx.x;
-    const int tx = tid % (BN / TN);
-    const int ty = tid / (BN / TN);
-    const int j0 = blockIdx.x * BN;
-    const int i0 = blockIdx.y * BM;
-    const int kbeg = blockIdx.z * kchunk;
-    const int kend = min(Kd, kbeg + kchunk);
-
-    float ra[LA], rb[LB];
-    float acc[TM][TN];
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
-
-    auto load_tiles = [&](int k0) {
-#pragma unroll
-        for (int i = 0; i < LA; ++i) {
-            const int e = tid + i * NT;
-            const int r = i0 + e / BK, q = k0 + e % BK;
-            ra[i] = (r < M && q < kend) ? __ldg(A + (size_t)r * Kd + q) : 0.f;
-        }
-#pragma unroll
-        for (int i = 0; i < LB; ++i) {
-            const int e = tid + i * NT;
-            const int r = j0 + e / BK, q = k0 + e % BK;
-            rb[i] = (r < Nn && q < kend) ? __ldg(B + (size_t)r * Kd + q) : 0.f;
-        }
-    };
-    auto store_tiles = [&](int buf) {
-#pragma unroll
-        for (int i = 0; i < LA; ++i) {
-            const int e = tid + i * NT;
-            As[buf][e % BK][e / BK] = ra[i];
-        }
-#pragma unroll
-        for (int i = 0; i < LB; ++i) {
-            const int e = tid + i * NT;
-            Bs[buf][e % BK][e / BK] = rb[i];
-        }
-    };
-
-    load_tiles(kbeg);
-    store_tiles(0);
-    __syncthreads();
-    int buf = 0;
-    for (int k0 = kbeg; k0 < kend; k0 += BK) {
-        const bool more = k0 + BK < kend;
-        if (more) load_tiles(k0 + BK);
-#pragma unroll
-        for (int kk = 0; kk < BK; ++kk) {
-            float a[TM], bv[TN];
-#pragma unroll
-            for (int g = 0; g < GM; ++g) {
-                const float4 t = *reinterpret_cast<const float4*>(&As[buf][kk][g * (BM / GM) + ty * 4]);
-                a[g * 4 + 0] = t.x; a[g * 4 + 1] = t.y; a[g * 4 + 2] = t.z; a[g * 4 + 3] = t.w;
-            }
-#pragma unroll
-            for (int g = 0; g < GN; ++g) {
-                const float4 t = *reinterpret_cast<const float4*>(&Bs[buf][kk][g * (BN / GN) + tx * 4]);
-                bv[g * 4 + 0] = t.x; bv[g * 4 + 1] = t.y; bv[g * 4 + 2] = t.z; bv[g * 4 + 3] = t.w;
-            }
-#pragma unroll
-            for (int i = 0; i < TM; ++i)
-#pragma unroll
-                for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], bv[j], acc[i][j]);
-        }
-        if (more) store_tiles(buf ^ 1);
-        __syncthreads();
-        buf ^= 1;
-    }
-
-    float* out = Cout + (long long)blockIdx.z * out_zstride;
+    using T = TileShape<BM, BN, BK, TM, TN>;
+    constexpr int GM = T::GM, GN = T::GN;
+    const int tx = T::tx(), ty = T::ty();
 #pragma unroll
     for (int gi = 0; gi < GM; ++gi)
 #pragma unroll
     for (int i4 = 0; i4 < 4; ++i4) {
-        const int i = i0 + gi * (BM / GM) + ty * 4 + i4;
+        const int i = i0 + T::row(ty, gi * 4 + i4);
         if (i >= M) continue;
 #pragma unroll
         for (int gj = 0; gj < GN; ++gj) {
-            const int j = j0 + gj * (BN / GN) + tx * 4;
+            const int j = j0 + T::col(tx, gj * 4);
             if (j >= Nn) continue;
             float v[4];
 #pragma unroll
             for (int j4 = 0; j4 < 4; ++j4) {
                 float t = acc[gi * 4 + i4][gj * 4 + j4];
                 if (bias && j + j4 < Nn) t += __ldg(bias + j + j4);
-                v[j4] = relu ? fmaxf(t, 0.f) : t;
+                v[j4] = tile_act<ACT>(act, t, act_p);
             }
             float* o = out + (size_t)i * Nn + j;
             if (vec_store && j + 3 < Nn) {
@@ -132,23 +53,54 @@ __device__ __forceinline__ void sgemm_nt(
     }
 }
 
+// C[i, j] = act(sum_k A[i, k] * B[j, k] + bias[j]);  A: (M, Kd), B: (Nn, Kd), C: (M, Nn)
+template <int BM, int BN, int BK, int TM, int TN>
+__device__ __forceinline__ void sgemm_nt(
+    const float* __restrict__ A, const float* __restrict__ B,
+    const float* __restrict__ bias, float* __restrict__ Cout,
+    int M, int Nn, int Kd, int act, float act_p, int kchunk, long long out_zstride, int vec_store)
+{
+    constexpr int NT = TileShape<BM, BN, BK, TM, TN>::NT;
+    const int j0 = blockIdx.x * BN;
+    const int i0 = blockIdx.y * BM;
+    const int kbeg = blockIdx.z * kchunk;
+    const int kend = min(Kd, kbeg + kchunk);
+
+    RowTile<BM, BK, NT> la(A, M, Kd, i0);
+    RowTile<BN, BK, NT> lb(B, Nn, Kd, j0);
+    float acc[TM][TN];
+    tile_mainloop<BM, BN, BK, TM, TN, false>(la, lb, kbeg, kend, acc);
+
+    float* out = Cout + (long long)blockIdx.z * out_zstride;
+#define FC_EPILOGUE(ACT) \
+    fc_epilogue<BM, BN, BK, TM, TN, ACT>(acc, bias, out, i0, j0, M, Nn, act, act_p, vec_store)
+    MDNN_TILE_ACT_DISPATCH(act, FC_EPILOGUE);
+#undef FC_EPILOGUE
+}
+
 // y (N, O) = x (N, D) @ w (O, D)^T: 64 rows of x by 64 rows of w per block.
-extern "C" __global__ void __launch_bounds__(256) fc_tile(
+// (256, 3): up to 85 registers; ptxas then takes 80 (3 blocks per SM, as the
+// 73 of the kernel before the shared core), where without a minimum it takes
+// 64 and spills.
+extern "C" __global__ void __launch_bounds__(256, 3) fc_tile(
     const float* __restrict__ x, const float* __restrict__ w,
     const float* __restrict__ b, float* __restrict__ y,
-    int N, int O, int D, int relu, int kchunk, long long out_zstride, int vec_store)
+    int N, int O, int D, int act, float act_p, int kchunk, long long out_zstride, int vec_store)
 {
-    sgemm_nt<64, 64, 16, 4, 4>(x, w, b, y, N, O, D, relu, kchunk, out_zstride, vec_store);
+    sgemm_nt<64, 64, 16, 4, 4>(x, w, b, y, N, O, D, act, act_p, kchunk, out_zstride, vec_store);
 }
 
 #define FC_SMALL_NB 8
 
 // N <= 8. Block: 8 warps; warp v of block blk computes column j = blk*8 + v
-// for every sample. vec4: D % 4 == 0 and x, w 16-byte aligned.
+// for every sample. vec4: D % 4 == 0 and x, w 16-byte aligned. After the
+// butterfly reduction every lane holds every sample's sum (bit for bit: each
+// step adds the same two values in every lane), so lane n < N finishes and
+// stores sample n.
 extern "C" __global__ void __launch_bounds__(256) fc_small(
     const float* __restrict__ x, const float* __restrict__ w,
     const float* __restrict__ b, float* __restrict__ y,
-    int N, int O, int D, int relu, int vec4)
+    int N, int O, int D, int act, float act_p, int vec4)
 {
     const int lane = threadIdx.x & 31;
     const int j = blockIdx.x * 8 + (threadIdx.x >> 5);
@@ -181,15 +133,16 @@ extern "C" __global__ void __launch_bounds__(256) fc_small(
                 if (n < N) acc[n] = fmaf(wv, __ldg(x + (size_t)n * D + d), acc[n]);
         }
     }
-    const float bias = b ? __ldg(b + j) : 0.f;
+    float mine = 0.f;                  // sample `lane`'s sum, for lanes < N
 #pragma unroll
     for (int n = 0; n < FC_SMALL_NB; ++n) {
         float v = acc[n];
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == 0 && n < N) {
-            v += bias;
-            y[(size_t)n * O + j] = relu ? fmaxf(v, 0.f) : v;
-        }
+        if (lane == n) mine = v;
+    }
+    if (lane < N) {
+        const float bias = b ? __ldg(b + j) : 0.f;
+        y[(size_t)lane * O + j] = mdnn_act(act, mine + bias, act_p);
     }
 }
