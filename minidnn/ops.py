@@ -38,7 +38,7 @@ class Act(NamedTuple):
 
     @property
     def name(self):
-        return ACT_NAMES[self.code]
+        return ACT_NAMES.get(self.code, f"act{self.code}")
 
     def __bool__(self):            # identity is "no activation"
         return self.code != 0
