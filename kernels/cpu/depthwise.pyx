@@ -182,6 +182,39 @@ cdef extern from *:
             _mm256_maskstore_ps(yr + ox0, _mm256_cmpgt_epi32(_mm256_set1_epi32(Co - ox0), lane), a0);
         }
     }
+
+    /* one output row of a 3x3 filter from three padded input rows (no masks): the nine
+     * taps and the bias in registers, three accumulators (one per window row) */
+    static inline __attribute__((always_inline)) void
+    mdnn_dw_row33(const float* r0, const float* r1, const float* r2, const float* w, float bv,
+                  float* yr, int Co, const int SX, const int DX)
+    {
+        const __m256 w0 = _mm256_broadcast_ss(w), w1 = _mm256_broadcast_ss(w + 1);
+        const __m256 w2 = _mm256_broadcast_ss(w + 2), w3 = _mm256_broadcast_ss(w + 3);
+        const __m256 w4 = _mm256_broadcast_ss(w + 4), w5 = _mm256_broadcast_ss(w + 5);
+        const __m256 w6 = _mm256_broadcast_ss(w + 6), w7 = _mm256_broadcast_ss(w + 7);
+        const __m256 w8 = _mm256_broadcast_ss(w + 8), bb = _mm256_set1_ps(bv);
+        int ox;
+        for (ox = 0; ox < Co; ox += MDNN_DW_W) {
+            const int s = ox * SX;
+            __m256 a0 = _mm256_fmadd_ps(w0, mdnn_dw_load(r0, s, SX, 0, 0), bb);
+            __m256 a1 = _mm256_mul_ps(w3, mdnn_dw_load(r1, s, SX, 0, 0));
+            __m256 a2 = _mm256_mul_ps(w6, mdnn_dw_load(r2, s, SX, 0, 0));
+            a0 = _mm256_fmadd_ps(w1, mdnn_dw_load(r0, s + DX, SX, 0, 0), a0);
+            a1 = _mm256_fmadd_ps(w4, mdnn_dw_load(r1, s + DX, SX, 0, 0), a1);
+            a2 = _mm256_fmadd_ps(w7, mdnn_dw_load(r2, s + DX, SX, 0, 0), a2);
+            a0 = _mm256_fmadd_ps(w2, mdnn_dw_load(r0, s + 2 * DX, SX, 0, 0), a0);
+            a1 = _mm256_fmadd_ps(w5, mdnn_dw_load(r1, s + 2 * DX, SX, 0, 0), a1);
+            a2 = _mm256_fmadd_ps(w8, mdnn_dw_load(r2, s + 2 * DX, SX, 0, 0), a2);
+            a0 = _mm256_add_ps(_mm256_add_ps(a0, a1), a2);
+            if (ox + MDNN_DW_W <= Co) {
+                _mm256_storeu_ps(yr + ox, a0);
+            } else {
+                const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                _mm256_maskstore_ps(yr + ox, _mm256_cmpgt_epi32(_mm256_set1_epi32(Co - ox), lane), a0);
+            }
+        }
+    }
     #endif
 
     /* one (sample, output channel) plane; NR, NC, SX, DX are compile-time constants in
@@ -232,6 +265,13 @@ cdef extern from *:
             }
             for (oy = 0; oy < Ro; oy++) {
                 float* yr = yp + (long)oy * Co;
+                if (HOIST && NR == 3 && NC == 3) {
+                    const float* r0 = buf + (long)oy * d->sy * Wb;
+                    mdnn_dw_row33(r0, r0 + (long)DY * Wb, r0 + 2L * DY * Wb, w, bv, yr, Co, SX, DX);
+                    if (d->act)
+                        mdnn_act_array(d->act, d->act_p, yr, yr, Co);
+                    continue;
+                }
                 for (ox = 0; ox < Co; ox += MDNN_DW_W) {
                     if (HOIST)
                         mdnn_dw_block(buf, w, wv, bv, yr, ox, oy * d->sy, 0, NR, NC, SX, DX, DY, Wb, 0, Co, 0);
