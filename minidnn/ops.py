@@ -273,6 +273,28 @@ _op("resize_bilinear_grad: dy -> dx",
     "dy (N,K,Ro,Co).", grad=True)
 
 
+# ---- convolution family (catalogue) ------------------------------------------------------
+# conv2d_grouped is the op of a con_ with groups > 1 or a dilation > 1 (conv2d, the hot
+# path that every backend implements, stays as it is); conv2d_transpose is cont_'s.
+_op("conv2d_grouped: x w b? -> y; stride_y stride_x pad_y pad_x dilation_y dilation_x groups act",
+    "y (N,F,Ro,Co) = grouped, dilated cross-correlation of x (N,K,R,C) with w (F,K/groups,nr,nc): "
+    "output channel f (group g = f // (F/groups)) sums over input channels [g K/groups, "
+    "(g+1) K/groups), tap (i, j) reading x[n, k, oy*stride_y - pad_y + i*dilation_y, "
+    "ox*stride_x - pad_x + j*dilation_x] (zero outside), Ro = 1 + (R + 2 pad_y - "
+    "(dilation_y (nr-1) + 1)) // stride_y; plus b (F,) unless None, then act; one pass.")
+_op("conv2d_transpose: x w b? -> y; stride_y stride_x pad_y pad_x act",
+    "y (N,F,Ro,Co) = the transposed convolution of x (N,K,R,C) with w (K,F,nr,nc) (dlib's cont_, "
+    "the adjoint of conv2d): x[n,k,i,j] w[k,f,a,c] summed into y[n, f, i*stride_y - pad_y + a, "
+    "j*stride_x - pad_x + c] (dropped outside), Ro = stride_y (R-1) + nr - 2 pad_y; plus b (F,) "
+    "unless None, then act.")
+_op("conv2d_grouped_grad_data: dy w -> dx; stride_y stride_x pad_y pad_x dilation_y dilation_x groups",
+    "dx (N,K,R,C) = d sum(dy * conv2d_grouped(x, w)) / dx for dy (N,F,Ro,Co), w (F,K/groups,nr,nc).",
+    grad=True)
+_op("conv2d_grouped_grad_params: x dy -> dw db?; stride_y stride_x pad_y pad_x dilation_y "
+    "dilation_x groups",
+    "dw (F,K/groups,nr,nc) = d sum(dy * conv2d_grouped(x, w)) / dw; db (F,) = sum of dy per "
+    "filter (skipped when db is None).", grad=True)
+
 # --------------------------------------------------------------------------- backends
 _by_type = {}       # array type -> backend module
 _by_name = {}       # "cpu" / "cuda" -> backend module

@@ -211,8 +211,12 @@ class Env:
 
 @layer_ref(dnn.con_)
 def _con(l, y, env):
-    y = conv2d(y, env.param(l, "filters"), env.param(l, "biases"), l.stride_y, l.stride_x,
-               l.padding_y, l.padding_x)
+    if l.groups > 1 or l.dilation_y > 1 or l.dilation_x > 1:      # the catalogue's section below
+        y = conv2d_grouped(y, env.param(l, "filters"), env.param(l, "biases"), l.stride_y,
+                           l.stride_x, l.padding_y, l.padding_x, l.dilation_y, l.dilation_x, l.groups)
+    else:
+        y = conv2d(y, env.param(l, "filters"), env.param(l, "biases"), l.stride_y, l.stride_x,
+                   l.padding_y, l.padding_x)
     return activation(y, l.act)
 
 
@@ -339,6 +343,100 @@ def forward(net, x, over=None, train=False):
             raise NotImplementedError(f"tests/reference.py has no entry for {type(l).__name__}")
         y = f(l, y, env)
     return y
+
+
+# ---- convolution family (catalogue) ---------------------------------------------------
+def conv2d_grouped(x, w, b, sy, sx, py, px, dy=1, dx=1, groups=1):
+    """Direct definition, group by group: for filters f of group g (F/groups each) and the
+    input channels k of group g (K/groups each),
+    y[n,f,i,j] = sum_{k,a,c} xpad[n,k,i*sy + a*dy, j*sx + c*dx] * w[f,k - g*K/groups,a,c] + b[f]."""
+    x = x.astype(np.float64)
+    w = w.astype(np.float64)
+    n, k, r, c = x.shape
+    f, kg, nr, nc = w.shape
+    assert k == kg * groups and f % groups == 0, (x.shape, w.shape, groups)
+    fg = f // groups
+    xp = np.zeros((n, k, r + 2 * py, c + 2 * px))
+    xp[:, :, py:py + r, px:px + c] = x
+    ro = 1 + (r + 2 * py - (dy * (nr - 1) + 1)) // sy
+    co = 1 + (c + 2 * px - (dx * (nc - 1) + 1)) // sx
+    y = np.zeros((n, f, ro, co))
+    for g in range(groups):
+        xg, wg = xp[:, g * kg:(g + 1) * kg], w[g * fg:(g + 1) * fg]
+        for a in range(nr):
+            for cc in range(nc):
+                patch = xg[:, :, a * dy:a * dy + sy * (ro - 1) + 1:sy, cc * dx:cc * dx + sx * (co - 1) + 1:sx]
+                y[:, g * fg:(g + 1) * fg] += np.einsum("nkij,fk->nfij", patch, wg[:, :, a, cc])
+    if b is not None:
+        y += b.astype(np.float64)[None, :, None, None]
+    return y
+
+
+def conv2d_grouped_grad_data(dyv, w, x_shape, sy, sx, py, px, dy=1, dx=1, groups=1):
+    """The adjoint of conv2d_grouped in x: every tap (a, c) read
+    xpad[n, k, i*sy + a*dy, j*sx + c*dx] with weight w[f, k - g K/groups, a, c]; add dy back there."""
+    dyv = dyv.astype(np.float64)
+    w = w.astype(np.float64)
+    n, k, r, c = x_shape
+    f, kg, nr, nc = w.shape
+    fg = f // groups
+    ro, co = dyv.shape[2], dyv.shape[3]
+    dxp = np.zeros((n, k, r + 2 * py, c + 2 * px))
+    for g in range(groups):
+        for a in range(nr):
+            for cc in range(nc):
+                dxp[:, g * kg:(g + 1) * kg, a * dy:a * dy + sy * (ro - 1) + 1:sy,
+                    cc * dx:cc * dx + sx * (co - 1) + 1:sx] += \
+                    np.einsum("nfij,fk->nkij", dyv[:, g * fg:(g + 1) * fg], w[g * fg:(g + 1) * fg, :, a, cc])
+    return dxp[:, :, py:py + r, px:px + c]
+
+
+def conv2d_grouped_grad_params(x, dyv, w_shape, sy, sx, py, px, dy=1, dx=1, groups=1):
+    """(dw, db) of conv2d_grouped: dw[f, k', a, c] = sum_{n,i,j} dy[n,f,i,j] *
+    xpad[n, g K/groups + k', i*sy + a*dy, j*sx + c*dx]; db[f] = sum of dy[:, f]."""
+    x = x.astype(np.float64)
+    dyv = dyv.astype(np.float64)
+    n, k, r, c = x.shape
+    f, kg, nr, nc = w_shape
+    fg = f // groups
+    ro, co = dyv.shape[2], dyv.shape[3]
+    xp = np.zeros((n, k, r + 2 * py, c + 2 * px))
+    xp[:, :, py:py + r, px:px + c] = x
+    dw = np.zeros((f, kg, nr, nc))
+    for g in range(groups):
+        for a in range(nr):
+            for cc in range(nc):
+                patch = xp[:, g * kg:(g + 1) * kg, a * dy:a * dy + sy * (ro - 1) + 1:sy,
+                           cc * dx:cc * dx + sx * (co - 1) + 1:sx]
+                dw[g * fg:(g + 1) * fg, :, a, cc] = np.einsum("nfij,nkij->fk", dyv[:, g * fg:(g + 1) * fg], patch)
+    return dw, dyv.sum(axis=(0, 2, 3))
+
+
+def conv2d_transpose(x, w, b, sy, sx, py, px):
+    """dlib's cont_ as its definition, the scatter loop: every input pixel x[n, k, i, j]
+    adds x[n, k, i, j] * w[k, :, :, :] to the window of the full output whose corner is
+    (i*sy, j*sx); the output is the full one with pad rows/columns cut from each side:
+    Ro = sy*(R-1) + nr - 2*py."""
+    x = x.astype(np.float64)
+    w = w.astype(np.float64)
+    n, k, r, c = x.shape
+    _, f, nr, nc = w.shape
+    full = np.zeros((n, f, sy * (r - 1) + nr, sx * (c - 1) + nc))
+    for i in range(r):
+        for j in range(c):
+            full[:, :, i * sy:i * sy + nr, j * sx:j * sx + nc] += np.einsum("nk,kfac->nfac", x[:, :, i, j], w)
+    ro, co = sy * (r - 1) + nr - 2 * py, sx * (c - 1) + nc - 2 * px
+    y = full[:, :, py:py + ro, px:px + co]
+    if b is not None:
+        y = y + b.astype(np.float64)[None, :, None, None]
+    return y
+
+
+@layer_ref(dnn.cont_)
+def _cont(l, y, env):
+    y = conv2d_transpose(y, env.param(l, "filters"), env.param(l, "biases"), l.stride_y, l.stride_x,
+                         l.padding_y, l.padding_x)
+    return activation(y, l.act)
 
 
 def assert_close(actual, expected, rtol=1e-5):

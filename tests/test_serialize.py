@@ -387,7 +387,7 @@ def test_saving_an_unloadable_net_is_refused():
     with pytest.raises(dnn.LayerError, match=r"con: biases must have shape \(2,\), got \(3,\)"):
         net.layer_details().biases = np.zeros(3, np.float32)       # refused at once
     net.layer_details().set_array("biases", np.zeros(3, np.float32))  # a layer broken from inside
-    with pytest.raises(dnn.SerializationError, match="layer<0> record 'con_2': parameter biases has shape"):
+    with pytest.raises(dnn.SerializationError, match="layer<0> record 'con_3': parameter biases has shape"):
         to_bytes(net)
 
     class mystery_(dnn.Layer):
@@ -574,7 +574,7 @@ def test_cli_info(tmp_path):
     assert len(lines) == 1 + len(net)
     assert lines[1].startswith("layer<0>") and "[loss_multiclass_log_1]" in lines[1]
     assert any("(disabled)" in l and "[affine_2]" in l for l in lines)
-    assert any("fused_relu" in l and "[con_2]" in l and "params: filters 4x3x3x3" in l for l in lines)
+    assert any("fused_relu" in l and "[con_3]" in l and "params: filters 4x3x3x3" in l for l in lines)
     assert "[input_tensor_2]: input 3x" in lines[-1]
     r = run_cli("info", os.path.join(DATA, "affine_1.mdnn"))
     assert r.returncode == 0 and r.stdout.count("[affine_1]") == 2

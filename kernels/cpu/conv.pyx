@@ -152,7 +152,7 @@ cdef void _conv_task(const ConvArgs* a, isize task, int tid) noexcept nogil:
         else:
             A = col
             lda = pwid
-            _im2col(xn, A, a.K, a.R, a.C, a.nr, a.nc, a.sy, a.sx, a.py, a.px,
+            _im2col(xn, A, a.K, a.R, a.C, a.nr, a.nc, a.sy, a.sx, a.py, a.px, 1, 1,
                     a.Co, p0, pwid, pwid)
         # column-major view: y_n^T (P x F) = col^T (P x KRS) * w^T (KRS x F)
         sgemm(b"N", b"N", &pwid, &fwid, &kk, &one, A, &lda,
@@ -175,7 +175,7 @@ cdef void _conv_task(const ConvArgs* a, isize task, int tid) noexcept nogil:
                     dst[p] = src[p]
         else:
             _im2col(xn + s * xs, col + s * a.P, a.K, a.R, a.C, a.nr, a.nc, a.sy, a.sx,
-                    a.py, a.px, a.Co, 0, a.P, m)
+                    a.py, a.px, 1, 1, a.Co, 0, a.P, m)
     out = col + <isize>a.KRS * m
     sgemm(b"N", b"N", &m, &fwid, &kk, &one, col, &m,
           <float*>a.w + <isize>f0 * a.KRS, &ldb, &zero, out, &m)
@@ -724,6 +724,164 @@ def fc(x, w, b, y, act):
             nno = min(bo, <int>O - o0)
             if nn > 0 and nno > 0:
                 _fc_task(px, pw, pb, py, <int>N, <int>D, <int>O, n0, nn, o0, nno, act_code, ap)
+
+
+# ------------------------------------------------------------ conv2d_transpose
+#
+# dlib's cont_: the adjoint of conv2d. Per task (sample n, block of output
+# channels [f0, f0+nf)): col (nf*nr*nc x R*C) = w[:, f0:f0+nf]^T (nf*nr*nc x K)
+# * x_n (K x R*C) with one single-threaded sgemm, then col2im scatters the
+# columns into y_n's nf planes (im2col.pxi, the conv geometry with y as the
+# input), then the bias/activation epilogue on those planes. A 1x1 stride-1
+# unpadded filter writes straight into y (no col2im). The channel block is the
+# largest whose columns fit TR_COL_BYTES (L2), at least one channel; at 2+
+# threads with fewer samples than threads, or samples that do not divide among
+# them, the channels are split further so that every thread gets work.
+
+cdef isize TR_COL_BYTES = 512 * 1024
+
+
+cdef struct TrArgs:
+    const float* x
+    const float* w
+    const float* b
+    float* y
+    float* ws
+    isize ws_per_thread
+    int N, K, R, C, F, nr, nc, sy, sx, py, px, Ro, Co, P, FRS
+    int fw, n_fb
+    bint direct
+    int act
+    float act_p
+
+
+cdef void _tr_plan(TrArgs* a, int nt) noexcept nogil:
+    cdef isize fw = TR_COL_BYTES // (4 * <isize>a.nr * a.nc * (a.P if a.P > 0 else 1))
+    cdef isize q
+    if fw < 1:
+        fw = 1
+    if fw > a.F:
+        fw = a.F
+    if nt > 1 and a.N % nt != 0 and a.N < 4 * nt:
+        # few samples that do not divide among the threads: cut the channels too
+        q = 1
+        while (a.N * q) % nt != 0:
+            q += 1
+        if _ceil(a.F, fw) < q and a.F >= q:
+            fw = _ceil(a.F, q)
+    a.fw = <int>fw
+    a.n_fb = <int>_ceil(a.F, fw)
+    a.ws_per_thread = 0 if a.direct else (<isize>a.fw * a.nr * a.nc * a.P + 15) // 16 * 16
+
+
+cdef void _tr_task(const TrArgs* a, isize task, int tid) noexcept nogil:
+    cdef int n = <int>(task // a.n_fb)
+    cdef int fb = <int>(task - <isize>n * a.n_fb)
+    cdef int f0 = fb * a.fw
+    cdef int nf = a.fw if f0 + a.fw <= a.F else a.F - f0
+    cdef int rows = nf * a.nr * a.nc, P = a.P, K = a.K, ldb = a.FRS
+    cdef isize op = <isize>a.Ro * a.Co
+    cdef float one = 1.0, zero = 0.0
+    cdef float* yn = a.y + (<isize>n * a.F + f0) * op
+    cdef float* col = yn if a.direct else a.ws + tid * a.ws_per_thread
+    # column-major: col^T (P x rows) = x_n^T (P x K) * w[:, f0 block] (K x rows)
+    sgemm(b"N", b"T", &P, &rows, &K, &one, <float*>a.x + <isize>n * a.K * a.P, &P,
+          <float*>a.w + <isize>f0 * a.nr * a.nc, &ldb, &zero, col, &P)
+    if not a.direct:
+        _col2im(col, yn, nf, a.Ro, a.Co, a.nr, a.nc, a.sy, a.sx, a.py, a.px, 1, 1, a.R, a.C)
+    _epilogue(yn, op, nf, <int>op, a.b + f0 if a.b != NULL else NULL, NULL, a.act, a.act_p)
+
+
+def _set_tr_col_bytes(isize v):
+    """Tuning knob: bytes of columns per task of conv2d_transpose; returns the previous."""
+    global TR_COL_BYTES
+    prev = TR_COL_BYTES
+    TR_COL_BYTES = v if v > 0 else 1
+    return prev
+
+
+cdef int _tr_fill(TrArgs* a, tuple xs, tuple ws, int sy, int sx, int py, int px, str op) except -1:
+    N, K, R, C = xs
+    Kw, F, nr, nc = ws
+    if sy < 1 or sx < 1 or py < 0 or px < 0:
+        raise ValueError(f"{op}: strides must be >= 1 and pads >= 0, got "
+                         f"stride ({sy}, {sx}) pad ({py}, {px})")
+    if Kw != K:
+        raise ValueError(f"{op}: w {ws} does not match x {xs} (w.shape[0] is the input channels)")
+    Ro = sy * (R - 1) + nr - 2 * py
+    Co = sx * (C - 1) + nc - 2 * px
+    if R < 1 or C < 1 or K < 1:
+        raise ValueError(f"{op}: x {xs} is empty")
+    if nr < 1 or nc < 1 or Ro < 1 or Co < 1:
+        raise ValueError(f"{op}: filter {nr}x{nc} with pad ({py}, {px}) leaves no output "
+                         f"(stride*(in-1) + n - 2*pad = {Ro}x{Co})")
+    a.N, a.K, a.R, a.C, a.F, a.nr, a.nc = N, K, R, C, F, nr, nc
+    a.sy = sy; a.sx = sx; a.py = py; a.px = px; a.Ro = Ro; a.Co = Co
+    a.P = R * C; a.FRS = F * nr * nc
+    a.direct = nr == 1 and nc == 1 and sy == 1 and sx == 1 and py == 0 and px == 0
+    return 0
+
+
+def _tr_plan_for(x_shape, w_shape, int stride_y, int stride_x, int pad_y, int pad_x, int nt):
+    """conv2d_transpose's task plan (for tests and tuning): a dict."""
+    cdef TrArgs a
+    _tr_fill(&a, tuple(x_shape), tuple(w_shape), stride_y, stride_x, pad_y, pad_x, "_tr_plan_for")
+    _tr_plan(&a, nt)
+    return dict(fw=a.fw, n_fb=a.n_fb, tasks=a.N * a.n_fb, direct=bool(a.direct),
+                ws_per_thread=a.ws_per_thread)
+
+
+def conv2d_transpose(x, w, b, y, int stride_y, int stride_x, int pad_y, int pad_x, act):
+    """y (N,F,Ro,Co) = the transposed convolution of x (N,K,R,C) with w (K,F,nr,nc)
+    (dlib's cont_): x[n,k,i,j] * w[k,f,a,c] is added at y[n, f, i*stride_y - pad_y + a,
+    j*stride_x - pad_x + c] (dropped outside), Ro = stride_y*(R-1) + nr - 2*pad_y (same
+    for columns); + b (F,) unless None; then the activation act."""
+    op = "conv2d_transpose"
+    cdef float act_p
+    cdef int act_code = _act(act, &act_p, op)
+    cdef cnp.ndarray ax = _f32_nd(x, op + " x", 4)
+    cdef cnp.ndarray aw = _f32_nd(w, op + " w", 4)
+    cdef cnp.ndarray ay = _f32_nd(y, op + " y", 4, True)
+    cdef cnp.ndarray ab = None
+    cdef TrArgs a
+    _tr_fill(&a, _shape(ax), _shape(aw), stride_y, stride_x, pad_y, pad_x, op)
+    if _shape(ay) != (a.N, a.F, a.Ro, a.Co):
+        raise ValueError(f"{op}: y has shape {_shape(ay)}, expected {(a.N, a.F, a.Ro, a.Co)}")
+    if b is not None:
+        ab = _f32(b, op + " b")
+        if cnp.PyArray_SIZE(ab) != a.F:
+            raise ValueError(f"{op}: b has {cnp.PyArray_SIZE(ab)} elements, expected {a.F}")
+    _no_alias(ay, ax, op)
+    _no_alias(ay, aw, op)
+    _check_int(<isize>a.FRS * a.P, op + " F*nr*nc*R*C")
+    _check_int(<isize>a.N * a.K * a.P, op + " N*K*R*C")
+    _check_int(<isize>a.N * a.F * a.Ro * a.Co, op + " N*F*Ro*Co")
+    _check_int(<isize>a.K * a.FRS, op + " w")
+    if a.N == 0 or a.F == 0:
+        return
+    a.x = _ptr(ax); a.w = _ptr(aw); a.y = _ptr(ay)
+    a.b = _ptr(ab) if ab is not None else NULL
+    a.act = act_code; a.act_p = act_p
+    cdef int nt = _threads()
+    if <double>a.N * a.K * a.P * a.FRS < 100000.0:
+        nt = 1
+    _tr_plan(&a, nt)
+    cdef isize ntasks = <isize>a.N * a.n_fb, t
+    if ntasks < nt:
+        nt = <int>ntasks
+    cdef bint private = False
+    cdef float* ws = _workspace_acquire(<size_t>(a.ws_per_thread * nt), &private)
+    a.ws = ws
+    try:
+        with nogil:
+            if nt == 1:
+                for t in range(ntasks):
+                    _tr_task(&a, t, 0)
+            else:
+                for t in prange(ntasks, num_threads=nt, schedule="dynamic"):
+                    _tr_task(&a, t, threadid())
+    finally:
+        _workspace_release(ws, private)
 
 
 def set_num_threads(int n):

@@ -101,7 +101,7 @@ cdef void _conv_data_task(const ConvG* a, int n, int part) noexcept nogil:
     sgemm(b"N", b"T", &P, &KRS, &F, &one, <float*>a.dy + <isize>n * a.F * a.P, &P,
           <float*>a.w, &KRS, &zero, col, &P)
     if not a.direct:
-        _col2im(col, dxn, a.K, a.R, a.C, a.nr, a.nc, a.sy, a.sx, a.py, a.px, a.Ro, a.Co)
+        _col2im(col, dxn, a.K, a.R, a.C, a.nr, a.nc, a.sy, a.sx, a.py, a.px, 1, 1, a.Ro, a.Co)
 
 
 def conv2d_grad_data(dy, w, dx, int stride_y, int stride_x, int pad_y, int pad_x):
@@ -166,7 +166,7 @@ cdef void _conv_param_part(const ConvG* a, int part, int lo, int hi) noexcept no
             col = <float*>a.x + <isize>n * a.K * a.R * a.C
         else:
             _im2col_full(a.x + <isize>n * a.K * a.R * a.C, col, a.K, a.R, a.C, a.nr, a.nc,
-                    a.sy, a.sx, a.py, a.px, a.Ro, a.Co)
+                    a.sy, a.sx, a.py, a.px, 1, 1, a.Ro, a.Co)
         # column-major: dw^T (KRS x F) += col_n (KRS x P) * dy_n^T (P x F)
         sgemm(b"T", b"N", &KRS, &F, &P, &one, col, &P, <float*>dyn, &P, &one, dw, &KRS)
         if db != NULL:
@@ -219,6 +219,202 @@ def conv2d_grad_params(x, dy, dw, db, int stride_y, int stride_x, int pad_y, int
             # add the partial sums in part order (deterministic)
             for u in range(1, nt):
                 slot = ws + u * a.ws_per + (0 if a.direct else _round16(<isize>a.KRS * a.P))
+                for i in range(FW):
+                    a.dw[i] += slot[i]
+                if a.db != NULL:
+                    slot = slot + _round16(FW)
+                    for i in range(a.F):
+                        a.db[i] += slot[i]
+    finally:
+        _workspace_release(ws, private)
+
+
+# --------------------------------------------------- conv2d_grouped (grouped, dilated)
+#
+# The backward of conv2d_grouped, one GEMM per (sample, group) as in its gemm route:
+# grad data: col (Kg*nr*nc x P) = w_g^T dy_g, then col2im (with the dilation) into
+# dx's group channels; grad params: im2col of x's group channels, dw_g += dy_g col^T,
+# per-part partial sums over samples added in part order (deterministic, as above).
+
+cdef struct GConvG:
+    const float* x
+    const float* w
+    const float* dy
+    float* dx
+    float* dw
+    float* db
+    float* ws
+    isize ws_per
+    int N, K, R, C, F, nr, nc, sy, sx, py, px, dly, dlx, Ro, Co, P
+    int G, Kg, Fg, KgRS
+    bint direct
+
+
+cdef int _gconv_shapes(str op, GConvG* a, tuple xs, tuple ws, tuple dys, int sy, int sx,
+                       int py, int px, int dly, int dlx, int groups) except -1:
+    """Validate (N,K,R,C) x, (F,K/groups,nr,nc) w and (N,F,Ro,Co) dy; fill a."""
+    N, K, R, C = xs
+    F, Kg, nr, nc = ws
+    if sy < 1 or sx < 1 or py < 0 or px < 0 or dly < 1 or dlx < 1:
+        raise ValueError(f"{op}: strides and dilations must be >= 1 and pads >= 0, got "
+                         f"stride ({sy}, {sx}) pad ({py}, {px}) dilation ({dly}, {dlx})")
+    if K < 1 or groups < 1 or K % groups or F % groups or Kg != K // groups:
+        raise ValueError(f"{op}: w {ws} does not match x {xs} with groups = {groups} "
+                         f"(groups must divide K and F, and w.shape[1] == K/groups)")
+    if nr < 1 or nc < 1 or dly * (nr - 1) + 1 > R + 2 * py or dlx * (nc - 1) + 1 > C + 2 * px:
+        raise ValueError(f"{op}: filter {nr}x{nc} dilated by ({dly}, {dlx}) does not fit the "
+                         f"padded input {R}x{C}")
+    Ro, Co = mdnn_out_size(R, nr, sy, py, dly), mdnn_out_size(C, nc, sx, px, dlx)
+    if dys != (N, F, Ro, Co):
+        raise ValueError(f"{op}: dy has shape {dys}, expected {(N, F, Ro, Co)}")
+    for v in (N * K * R * C, N * F * Ro * Co, Kg * nr * nc * Ro * Co, F * Kg * nr * nc):
+        _check_int(v, op)
+    a.N, a.K, a.R, a.C, a.F, a.nr, a.nc, a.Ro, a.Co = N, K, R, C, F, nr, nc, Ro, Co
+    a.sy = sy; a.sx = sx; a.py = py; a.px = px; a.dly = dly; a.dlx = dlx
+    a.P = a.Ro * a.Co
+    a.G = groups; a.Kg = Kg; a.Fg = F // groups; a.KgRS = Kg * nr * nc
+    a.direct = nr == 1 and nc == 1 and sy == 1 and sx == 1 and py == 0 and px == 0 \
+        and dly == 1 and dlx == 1
+    return 0
+
+
+cdef void _gconv_data_task(const GConvG* a, int n, int part) noexcept nogil:
+    cdef float one = 1.0, zero = 0.0
+    cdef int g, P = a.P, KgRS = a.KgRS, Fg = a.Fg
+    cdef isize plane = <isize>a.R * a.C
+    cdef float* dxg
+    cdef float* col
+    for g in range(a.G):
+        dxg = a.dx + (<isize>n * a.K + <isize>g * a.Kg) * plane
+        col = dxg if a.direct else a.ws + part * a.ws_per
+        # column-major: col^T (P x KgRS) = dy_g^T (P x Fg) * w_g (Fg x KgRS)
+        sgemm(b"N", b"T", &P, &KgRS, &Fg, &one,
+              <float*>a.dy + (<isize>n * a.F + <isize>g * a.Fg) * a.P, &P,
+              <float*>a.w + <isize>g * a.Fg * a.KgRS, &KgRS, &zero, col, &P)
+        if not a.direct:
+            _col2im(col, dxg, a.Kg, a.R, a.C, a.nr, a.nc, a.sy, a.sx, a.py, a.px,
+                    a.dly, a.dlx, a.Ro, a.Co)
+
+
+def conv2d_grouped_grad_data(dy, w, dx, int stride_y, int stride_x, int pad_y, int pad_x,
+                             int dilation_y, int dilation_x, int groups):
+    """dx (N,K,R,C) = the gradient of sum(dy * conv2d_grouped(x, w)) with respect to x,
+    for dy (N,F,Ro,Co) and w (F,K/groups,nr,nc)."""
+    op = "conv2d_grouped_grad_data"
+    cdef cnp.ndarray ady = _f32_nd(dy, op + " dy", 4)
+    cdef cnp.ndarray aw = _f32_nd(w, op + " w", 4)
+    cdef cnp.ndarray adx = _f32_nd(dx, op + " dx", 4, True)
+    cdef GConvG a
+    _gconv_shapes(op, &a, _shape(adx), _shape(aw), _shape(ady), stride_y, stride_x, pad_y, pad_x,
+                  dilation_y, dilation_x, groups)
+    _no_alias(adx, ady, op)
+    _no_alias(adx, aw, op)
+    if a.N == 0:
+        return
+    if a.F == 0 or a.P == 0:
+        memset(_ptr(adx), 0, cnp.PyArray_NBYTES(adx))
+        return
+    a.dy = _ptr(ady); a.w = _ptr(aw); a.dx = _ptr(adx)
+    cdef int nt = _nthreads(<double>a.N * a.F * a.P * a.KgRS, a.N)
+    a.ws_per = 0 if a.direct else _round16(<isize>a.KgRS * a.P)
+    cdef bint private = False
+    cdef float* ws = _workspace_acquire(<size_t>(a.ws_per * nt), &private)
+    a.ws = ws
+    cdef int t, n, lo, hi, chunk = (a.N + nt - 1) // nt
+    try:
+        with nogil:
+            for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+                lo = t * chunk
+                hi = min(lo + chunk, a.N)
+                for n in range(lo, hi):
+                    _gconv_data_task(&a, n, t)
+    finally:
+        _workspace_release(ws, private)
+
+
+cdef void _gconv_param_part(const GConvG* a, int part, int lo, int hi) noexcept nogil:
+    """Partial sums over samples [lo, hi) into this part's (F*KgRS + F) slot
+    (part 0 writes straight into dw, db)."""
+    cdef float one = 1.0
+    cdef float* slot = a.ws + part * a.ws_per
+    cdef float* col = NULL
+    cdef float* dw = a.dw
+    cdef float* db = a.db
+    cdef int n, g, f, p, P = a.P, KgRS = a.KgRS, Fg = a.Fg
+    cdef isize plane = <isize>a.R * a.C
+    cdef const float* dyn
+    cdef double acc
+    if not a.direct:
+        col = slot
+        slot = slot + _round16(<isize>a.KgRS * a.P)
+    if part > 0:
+        dw = slot
+        db = slot + _round16(<isize>a.F * a.KgRS) if a.db != NULL else NULL
+    memset(dw, 0, <isize>a.F * KgRS * sizeof(float))
+    if db != NULL:
+        memset(db, 0, a.F * sizeof(float))
+    for n in range(lo, hi):
+        dyn = a.dy + <isize>n * a.F * P
+        for g in range(a.G):
+            if a.direct:
+                col = <float*>a.x + (<isize>n * a.K + <isize>g * a.Kg) * plane
+            else:
+                _im2col_full(a.x + (<isize>n * a.K + <isize>g * a.Kg) * plane, col, a.Kg, a.R, a.C,
+                             a.nr, a.nc, a.sy, a.sx, a.py, a.px, a.dly, a.dlx, a.Ro, a.Co)
+            # column-major: dw_g^T (KgRS x Fg) += col (KgRS x P) * dy_g^T (P x Fg)
+            sgemm(b"T", b"N", &KgRS, &Fg, &P, &one, col, &P,
+                  <float*>dyn + <isize>g * a.Fg * P, &P, &one, dw + <isize>g * a.Fg * KgRS, &KgRS)
+        if db != NULL:
+            for f in range(a.F):
+                acc = 0.0
+                for p in range(P):
+                    acc = acc + dyn[<isize>f * P + p]
+                db[f] = db[f] + <float>acc
+
+
+def conv2d_grouped_grad_params(x, dy, dw, db, int stride_y, int stride_x, int pad_y, int pad_x,
+                               int dilation_y, int dilation_x, int groups):
+    """dw (F,K/groups,nr,nc) = the gradient of sum(dy * conv2d_grouped(x, w)) with respect
+    to w, db (F,) = sum of dy over samples and pixels (skipped when db is None);
+    x (N,K,R,C), dy (N,F,Ro,Co)."""
+    op = "conv2d_grouped_grad_params"
+    cdef cnp.ndarray ax = _f32_nd(x, op + " x", 4)
+    cdef cnp.ndarray ady = _f32_nd(dy, op + " dy", 4)
+    cdef cnp.ndarray adw = _f32_nd(dw, op + " dw", 4, True)
+    cdef cnp.ndarray adb = None
+    cdef GConvG a
+    _gconv_shapes(op, &a, _shape(ax), _shape(adw), _shape(ady), stride_y, stride_x, pad_y, pad_x,
+                  dilation_y, dilation_x, groups)
+    if db is not None:
+        adb = _f32(db, op + " db", True)
+        if cnp.PyArray_SIZE(adb) != a.F:
+            raise ValueError(f"{op}: db has {cnp.PyArray_SIZE(adb)} elements, expected {a.F}")
+        _no_alias(adb, ady, op)
+        _no_alias(adb, ax, op)
+        _no_alias(adb, adw, op)
+    _no_alias(adw, ax, op)
+    _no_alias(adw, ady, op)
+    a.x = _ptr(ax); a.dy = _ptr(ady); a.dw = _ptr(adw)
+    a.db = _ptr(adb) if adb is not None else NULL
+    cdef int nt = _nthreads(<double>a.N * a.F * a.P * a.KgRS, a.N)
+    a.ws_per = (0 if a.direct else _round16(<isize>a.KgRS * a.P)) \
+        + _round16(<isize>a.F * a.KgRS) + _round16(a.F)
+    cdef bint private = False
+    cdef float* ws = _workspace_acquire(<size_t>(a.ws_per * nt), &private)
+    a.ws = ws
+    cdef int t, u, lo, hi, chunk = (a.N + nt - 1) // nt if a.N > 0 else 0
+    cdef isize i, FW = <isize>a.F * a.KgRS
+    cdef float* slot
+    try:
+        with nogil:
+            for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+                lo = t * chunk
+                hi = min(lo + chunk, a.N)
+                if hi < lo:
+                    hi = lo
+                _gconv_param_part(&a, t, lo, hi)
+            for u in range(1, nt):
+                slot = ws + u * a.ws_per + (0 if a.direct else _round16(<isize>a.KgRS * a.P))
                 for i in range(FW):
                     a.dw[i] += slot[i]
                 if a.db != NULL:

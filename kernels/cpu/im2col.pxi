@@ -1,6 +1,8 @@
-# im2col and col2im, shared by conv.pyx (the BLAS route of conv2d) and grad.pyx (the
-# backward convolutions); textually included. Output size: geometry.h's rule
-# Ro = 1 + (R + 2*py - nr) // sy.
+# im2col and col2im, shared by conv.pyx (the BLAS route of conv2d, conv2d_transpose),
+# depthwise.pyx (the grouped route of conv2d_grouped) and grad.pyx (the backward
+# convolutions); textually included. Tap (i, j) of output pixel (oy, ox) reads input
+# (oy*sy - py + i*dy, ox*sx - px + j*dx): dy, dx are the dilations (1: a dense window).
+# Output size: geometry.h's rule Ro = 1 + (R + 2*py - (dy*(nr-1) + 1)) // sy.
 
 from libc.string cimport memset, memcpy
 
@@ -10,21 +12,22 @@ cdef inline int _cdiv(int a, int b) noexcept nogil:
 
 
 cdef void _im2col(const float* xn, float* col, int K, int R, int C,
-                  int nr, int nc, int sy, int sx, int py, int px,
+                  int nr, int nc, int sy, int sx, int py, int px, int dy, int dx,
                   int Co, int p0, int pw, isize ld) noexcept nogil:
     """col (K*nr*nc rows, row stride ld): column t < pw holds the receptive
     field of output pixel p0+t (row-major over (oy, ox)) of sample xn
-    (K, R, C); zero padding."""
-    cdef int k, i, j, p, oy, ox, iy, seg, t, lo, hi, a, e, ixs
+    (K, R, C), taps dilated by (dy, dx); zero padding."""
+    cdef int k, i, j, p, oy, ox, iy, seg, t, lo, hi, a, e, ixs, jj
     cdef float* dst
     cdef const float* src
     for k in range(K):
         for i in range(nr):
             for j in range(nc):
                 dst = col + ((k * nr + i) * nc + j) * ld
-                # valid ox range for this j: 0 <= ox*sx - px + j < C
-                lo = _cdiv(px - j, sx) if px - j > 0 else 0
-                hi = (C - 1 + px - j) // sx + 1 if C - 1 + px - j >= 0 else 0
+                jj = j * dx
+                # valid ox range for this j: 0 <= ox*sx - px + j*dx < C
+                lo = _cdiv(px - jj, sx) if px - jj > 0 else 0
+                hi = (C - 1 + px - jj) // sx + 1 if C - 1 + px - jj >= 0 else 0
                 if hi > Co:
                     hi = Co
                 p = p0
@@ -34,7 +37,7 @@ cdef void _im2col(const float* xn, float* col, int K, int R, int C,
                     seg = Co - ox
                     if seg > p0 + pw - p:
                         seg = p0 + pw - p
-                    iy = oy * sy - py + i
+                    iy = oy * sy - py + i * dy
                     if iy < 0 or iy >= R or hi <= lo:
                         memset(dst, 0, seg * sizeof(float))
                     else:
@@ -50,7 +53,7 @@ cdef void _im2col(const float* xn, float* col, int K, int R, int C,
                             a = e
                         for t in range(ox, a):
                             dst[t - ox] = 0.0
-                        ixs = a * sx - px + j
+                        ixs = a * sx - px + jj
                         if sx == 1:
                             if e > a:
                                 memcpy(dst + (a - ox), src + ixs, (e - a) * sizeof(float))
@@ -66,15 +69,18 @@ cdef void _im2col(const float* xn, float* col, int K, int R, int C,
 
 
 cdef void _im2col_full(const float* xn, float* col, int K, int R, int C, int nr, int nc,
-                       int sy, int sx, int py, int px, int Ro, int Co) noexcept nogil:
-    """col (K*nr*nc, Ro*Co): row (k, i, j) holds x[k, oy*sy-py+i, ox*sx-px+j] (0 outside):
-    _im2col over all Ro*Co output pixels."""
-    _im2col(xn, col, K, R, C, nr, nc, sy, sx, py, px, Co, 0, Ro * Co, <isize>Ro * Co)
+                       int sy, int sx, int py, int px, int dy, int dx,
+                       int Ro, int Co) noexcept nogil:
+    """col (K*nr*nc, Ro*Co): row (k, i, j) holds x[k, oy*sy-py+i*dy, ox*sx-px+j*dx]
+    (0 outside): _im2col over all Ro*Co output pixels."""
+    _im2col(xn, col, K, R, C, nr, nc, sy, sx, py, px, dy, dx, Co, 0, Ro * Co, <isize>Ro * Co)
 
 
 cdef void _col2im(const float* col, float* dxn, int K, int R, int C, int nr, int nc,
-                  int sy, int sx, int py, int px, int Ro, int Co) noexcept nogil:
-    """dxn (K, R, C) = 0, then += every column entry at the pixel it was read from."""
+                  int sy, int sx, int py, int px, int dy, int dx,
+                  int Ro, int Co) noexcept nogil:
+    """dxn (K, R, C) = 0, then += every column entry at the pixel it was read from
+    (the adjoint of _im2col_full with the same geometry and dilation)."""
     cdef int k, i, j, oy, ox, iy, ix
     cdef isize P = <isize>Ro * Co
     cdef const float* row
@@ -85,11 +91,11 @@ cdef void _col2im(const float* col, float* dxn, int K, int R, int C, int nr, int
             for j in range(nc):
                 row = col + ((k * nr + i) * nc + j) * P
                 for oy in range(Ro):
-                    iy = oy * sy - py + i
+                    iy = oy * sy - py + i * dy
                     if iy < 0 or iy >= R:
                         continue
                     dst = dxn + (k * R + iy) * <isize>C
                     for ox in range(Co):
-                        ix = ox * sx - px + j
+                        ix = ox * sx - px + j * dx
                         if 0 <= ix < C:
                             dst[ix] += row[oy * Co + ox]

@@ -1,0 +1,719 @@
+# cython: language_level=3
+"""Grouped and dilated convolutions on the CPU: the op conv2d_grouped.
+
+conv2d_grouped(x, w, b, y, stride_y, stride_x, pad_y, pad_x, dilation_y, dilation_x,
+groups, act): x (N, K, R, C), w (F, K/groups, nr, nc), y (N, F, Ro, Co) with
+Ro = 1 + (R + 2 pad_y - (dilation_y (nr - 1) + 1)) // stride_y; output channel f
+sees the input channels of its group g = f // (F/groups). Two routes, chosen by
+_grouped_route (tests force each with _set_grouped_path):
+
+  - depthwise (groups == K: one input channel per group, F = m K with a channel
+    multiplier m): no GEMM at all. One (sample, output channel) plane per OpenMP
+    iteration; each output row is computed in blocks of MDNN_DW_W = 8 columns in
+    AVX2 registers (4 independent accumulators: rows 2r and 2r + 1 of the
+    window into two, a last odd row into the other two). The input plane is
+    first copied into a zero-bordered per-thread buffer (once per input channel:
+    planes of a channel multiplier reuse it), so every block reads plain
+    unmasked loads (stride 2 as 16 loaded and de-interleaved floats, other
+    strides as gathers); a plane whose buffer would pass DW_PAD_MAX_BYTES reads
+    x in place instead, with masked loads (masked lanes are never read) for the
+    border blocks and the window rows in the padding skipped. 3x3 and 5x5 at stride 1
+    and 2 (dilation 1) are compiled as their own loops (the taps unrolled, 3x3's
+    weights held in registers); any other nr x nc, stride and dilation runs the
+    same code with run-time bounds. The bias starts the accumulators; the
+    activation runs over each finished row with mdnn_act_array
+    (activations.h) while the row is in L1. Without AVX2 (or with
+    _set_depthwise_vector(False)) a scalar loop computes every column.
+    The input and output are touched once: it runs near memory speed
+    (bench/bench_depthwise.py).
+  - gemm (1 < groups < K, dilation, or forced): one GEMM per (sample, group,
+    pixel chunk): im2col (im2col.pxi, with the dilation) of the group's K/groups
+    channels into this thread's workspace, scipy's sgemm (single-threaded, as in
+    conv.pyx) into the group's F/groups output rows, then the bias/activation
+    epilogue while the block is in cache. A 1x1 stride-1 unpadded undilated
+    convolution reads x in place (no im2col).
+
+The implicit GEMM of gemm_avx2.h is not used here (it has no dilation and one
+sample stride per call); conv2d (conv.pyx) stays the route of every ungrouped,
+undilated convolution: con_ only emits conv2d_grouped when groups > 1 or a
+dilation > 1.
+
+Threading: OpenMP owns the cores; tasks are planes (depthwise) or (sample,
+group, pixel chunk) triples (gemm), statically or dynamically scheduled; the
+result never depends on the thread count (every output element is summed by
+one thread in a fixed order). Workspace: one grow-only buffer (workspace.pxi).
+"""
+include "check.pxi"
+include "act.pxi"
+
+from cython.parallel cimport prange, threadid
+from libc.string cimport memcpy
+from scipy.linalg.cython_blas cimport sgemm
+
+cdef extern from *:
+    """
+    #include <string.h>
+    #include "activations.h"
+    #if defined(__AVX2__) && defined(__FMA__)
+    #include <immintrin.h>
+    #define MDNN_DW_AVX2 1
+    #else
+    #define MDNN_DW_AVX2 0
+    #endif
+    #define MDNN_DW_W 8          /* output columns per vector block */
+
+    typedef struct {
+        const float* x;          /* (N, K, R, C) */
+        const float* w;          /* (F, 1, nr, nc), F = m K: filter f reads channel f / m */
+        const float* b;          /* (F,) or NULL */
+        float* y;                /* (N, F, Ro, Co) */
+        int N, K, R, C, F, m, nr, nc, sy, sx, py, px, dy, dx, Ro, Co;
+        int act;                 /* the epilogue's activation (activations.h) and its parameter */
+        float act_p;
+        int vec;                 /* 0: the scalar loop for every column */
+        int pad;                 /* 1: the padded-plane variant (vec only) */
+        int Rp, Wb;              /* its buffer: Rp rows of Wb floats */
+        float* ws;               /* per-thread slots of ws_per floats: a 16-float header
+                                  * (the plane held), then the Rp x Wb buffer */
+        long ws_per;
+    } mdnn_dw_t;
+
+    static inline int mdnn_dw_have_avx2(void) { return MDNN_DW_AVX2; }
+
+    /* one output column, any geometry: the taps inside the image only */
+    static inline float mdnn_dw_col(const float* xp, const float* w, float bv, int ox, int iy0,
+                                    int i0, int i1, int NC, int SX, int DX, int DY, int C, int px)
+    {
+        float acc = bv;
+        int i, j;
+        for (i = i0; i < i1; i++) {
+            const float* xr = xp + (long)(iy0 + i * DY) * C;
+            for (j = 0; j < NC; j++) {
+                int ix = ox * SX - px + j * DX;
+                if (ix >= 0 && ix < C)
+                    acc += w[i * NC + j] * xr[ix];
+            }
+        }
+        return acc;
+    }
+
+    #if MDNN_DW_AVX2
+    /* the 8 inputs xr[s0 + u*SX], u < 8, of one tap for a block of 8 output columns;
+     * masked: lanes whose input lies outside [0, C) read as 0 (and are never read) */
+    static inline __attribute__((always_inline)) __m256
+    mdnn_dw_load(const float* xr, int s0, const int SX, int C, const int masked)
+    {
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256i m1 = _mm256_set1_epi32(-1), cv = _mm256_set1_epi32(C);
+        if (SX == 1) {
+            __m256i idx, m;
+            if (!masked)
+                return _mm256_loadu_ps(xr + s0);
+            idx = _mm256_add_epi32(_mm256_set1_epi32(s0), lane);
+            m = _mm256_and_si256(_mm256_cmpgt_epi32(idx, m1), _mm256_cmpgt_epi32(cv, idx));
+            return _mm256_maskload_ps(xr + s0, m);
+        }
+        if (SX == 2) {
+            __m256 L, H, S;
+            if (!masked) {
+                /* xr[s0 .. s0+14]: the odd xr[s0+15] may lie past the image: not read */
+                L = _mm256_loadu_ps(xr + s0);
+                H = _mm256_maskload_ps(xr + s0 + 8, _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, -1, 0));
+            } else {
+                const __m256i even = _mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0);
+                __m256i i0 = _mm256_add_epi32(_mm256_set1_epi32(s0), lane);
+                __m256i i1 = _mm256_add_epi32(_mm256_set1_epi32(s0 + 8), lane);
+                __m256i k0 = _mm256_and_si256(even, _mm256_and_si256(_mm256_cmpgt_epi32(i0, m1),
+                                                                     _mm256_cmpgt_epi32(cv, i0)));
+                __m256i k1 = _mm256_and_si256(even, _mm256_and_si256(_mm256_cmpgt_epi32(i1, m1),
+                                                                     _mm256_cmpgt_epi32(cv, i1)));
+                L = _mm256_maskload_ps(xr + s0, k0);
+                H = _mm256_maskload_ps(xr + s0 + 8, k1);
+            }
+            S = _mm256_shuffle_ps(L, H, _MM_SHUFFLE(2, 0, 2, 0));
+            return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(S), _MM_SHUFFLE(3, 1, 2, 0)));
+        }
+        {
+            __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(s0),
+                                           _mm256_mullo_epi32(lane, _mm256_set1_epi32(SX)));
+            __m256i m;
+            if (!masked)
+                return _mm256_i32gather_ps(xr, idx, 4);
+            m = _mm256_and_si256(_mm256_cmpgt_epi32(idx, m1), _mm256_cmpgt_epi32(cv, idx));
+            return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), xr, idx, _mm256_castsi256_ps(m), 4);
+        }
+    }
+
+    /* one block of 8 output columns ox0.. of output row oy (window rows i0..i1-1 inside
+     * the image); wv: the taps broadcast (hoist) or NULL (broadcast from w) */
+    static inline __attribute__((always_inline)) void
+    mdnn_dw_block(const float* xp, const float* w, const __m256* wv, float bv, float* yr,
+                  int ox0, int iy0, int i0, int i1, const int NC, const int SX, const int DX,
+                  int DY, int C, int px, int Co, const int masked)
+    {
+        __m256 a0 = _mm256_set1_ps(bv), a1 = _mm256_setzero_ps();
+        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        int i = i0, j;
+        const int s = ox0 * SX - px;
+    #define MDNN_DW_WV(t) (wv ? wv[t] : _mm256_broadcast_ss(w + (t)))
+        for (; i + 1 < i1; i += 2) {
+            const float* r0 = xp + (long)(iy0 + i * DY) * C;
+            const float* r1 = r0 + (long)DY * C;
+            for (j = 0; j < NC; j++) {
+                a0 = _mm256_fmadd_ps(MDNN_DW_WV(i * NC + j), mdnn_dw_load(r0, s + j * DX, SX, C, masked), a0);
+                a1 = _mm256_fmadd_ps(MDNN_DW_WV((i + 1) * NC + j), mdnn_dw_load(r1, s + j * DX, SX, C, masked), a1);
+            }
+        }
+        if (i < i1) {
+            const float* r0 = xp + (long)(iy0 + i * DY) * C;
+            for (j = 0; j + 1 < NC; j += 2) {
+                a2 = _mm256_fmadd_ps(MDNN_DW_WV(i * NC + j), mdnn_dw_load(r0, s + j * DX, SX, C, masked), a2);
+                a3 = _mm256_fmadd_ps(MDNN_DW_WV(i * NC + j + 1), mdnn_dw_load(r0, s + (j + 1) * DX, SX, C, masked), a3);
+            }
+            if (j < NC)
+                a2 = _mm256_fmadd_ps(MDNN_DW_WV(i * NC + j), mdnn_dw_load(r0, s + j * DX, SX, C, masked), a2);
+        }
+    #undef MDNN_DW_WV
+        a0 = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        if (ox0 + MDNN_DW_W <= Co) {
+            _mm256_storeu_ps(yr + ox0, a0);
+        } else {
+            const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            _mm256_maskstore_ps(yr + ox0, _mm256_cmpgt_epi32(_mm256_set1_epi32(Co - ox0), lane), a0);
+        }
+    }
+
+    /* one output row of a 3x3 filter from three padded input rows (no masks): the nine
+     * taps and the bias in registers, three accumulators (one per window row) */
+    static inline __attribute__((always_inline)) void
+    mdnn_dw_row33(const float* r0, const float* r1, const float* r2, const float* w, float bv,
+                  float* yr, int Co, const int SX, const int DX)
+    {
+        const __m256 w0 = _mm256_broadcast_ss(w), w1 = _mm256_broadcast_ss(w + 1);
+        const __m256 w2 = _mm256_broadcast_ss(w + 2), w3 = _mm256_broadcast_ss(w + 3);
+        const __m256 w4 = _mm256_broadcast_ss(w + 4), w5 = _mm256_broadcast_ss(w + 5);
+        const __m256 w6 = _mm256_broadcast_ss(w + 6), w7 = _mm256_broadcast_ss(w + 7);
+        const __m256 w8 = _mm256_broadcast_ss(w + 8), bb = _mm256_set1_ps(bv);
+        int ox;
+        for (ox = 0; ox < Co; ox += MDNN_DW_W) {
+            const int s = ox * SX;
+            __m256 a0 = _mm256_fmadd_ps(w0, mdnn_dw_load(r0, s, SX, 0, 0), bb);
+            __m256 a1 = _mm256_mul_ps(w3, mdnn_dw_load(r1, s, SX, 0, 0));
+            __m256 a2 = _mm256_mul_ps(w6, mdnn_dw_load(r2, s, SX, 0, 0));
+            a0 = _mm256_fmadd_ps(w1, mdnn_dw_load(r0, s + DX, SX, 0, 0), a0);
+            a1 = _mm256_fmadd_ps(w4, mdnn_dw_load(r1, s + DX, SX, 0, 0), a1);
+            a2 = _mm256_fmadd_ps(w7, mdnn_dw_load(r2, s + DX, SX, 0, 0), a2);
+            a0 = _mm256_fmadd_ps(w2, mdnn_dw_load(r0, s + 2 * DX, SX, 0, 0), a0);
+            a1 = _mm256_fmadd_ps(w5, mdnn_dw_load(r1, s + 2 * DX, SX, 0, 0), a1);
+            a2 = _mm256_fmadd_ps(w8, mdnn_dw_load(r2, s + 2 * DX, SX, 0, 0), a2);
+            a0 = _mm256_add_ps(_mm256_add_ps(a0, a1), a2);
+            if (ox + MDNN_DW_W <= Co) {
+                _mm256_storeu_ps(yr + ox, a0);
+            } else {
+                const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                _mm256_maskstore_ps(yr + ox, _mm256_cmpgt_epi32(_mm256_set1_epi32(Co - ox), lane), a0);
+            }
+        }
+    }
+    #endif
+
+    /* one (sample, output channel) plane; NR, NC, SX, DX are compile-time constants in
+     * the specialised instances below (HOIST: keep the NR*NC <= 9 taps in registers) */
+    static inline __attribute__((always_inline)) void
+    mdnn_dw_plane_t(const mdnn_dw_t* d, long plane, int tid, const int NR, const int NC,
+                    const int SX, const int DX, const int HOIST)
+    {
+        const int R = d->R, C = d->C, Ro = d->Ro, Co = d->Co, DY = d->dy, px = d->px;
+        const int f = (int)(plane % d->F), n = (int)(plane / d->F);
+        const float* xp = d->x + ((long)n * d->K + f / d->m) * (long)R * C;
+        const float* w = d->w + (long)f * NR * NC;
+        const float bv = d->b ? d->b[f] : 0.0f;
+        float* yp = d->y + plane * (long)Ro * Co;
+        /* interior columns [lo, hi): every tap inside [0, C) */
+        int lo = (px + SX - 1) / SX, t = C - 1 + px - (NC - 1) * DX;
+        int hi = t >= 0 ? t / SX + 1 : 0;
+        int oy, ox;
+    #if MDNN_DW_AVX2
+        __m256 wv[9];
+        if (HOIST)
+            for (t = 0; t < NR * NC && t < 9; t++)
+                wv[t] = _mm256_broadcast_ss(w + t);
+    #endif
+        if (hi > Co) hi = Co;
+        if (lo > hi) lo = hi;
+    #if MDNN_DW_AVX2
+        if (d->vec && d->pad) {
+            /* padded plane: the input plane copied once (per thread, per input channel:
+             * a channel multiplier reuses it) into a zero-bordered buffer wide enough for
+             * every block's loads; then no masks, no row checks */
+            float* slot = d->ws + (long)tid * d->ws_per;
+            float* buf = slot + 16;
+            const int Wb = d->Wb, Rp = d->Rp, py = d->py;
+            long key = (long)n * d->K + f / d->m, held;
+            memcpy(&held, slot, sizeof held);
+            if (held != key) {
+                int r;
+                memset(buf, 0, (size_t)py * Wb * sizeof(float));
+                for (r = 0; r < R; r++) {
+                    float* br = buf + (long)(py + r) * Wb;
+                    memset(br, 0, (size_t)px * sizeof(float));
+                    memcpy(br + px, xp + (long)r * C, (size_t)C * sizeof(float));
+                    memset(br + px + C, 0, (size_t)(Wb - px - C) * sizeof(float));
+                }
+                memset(buf + (long)(py + R) * Wb, 0, (size_t)(Rp - py - R) * Wb * sizeof(float));
+                memcpy(slot, &key, sizeof key);
+            }
+            for (oy = 0; oy < Ro; oy++) {
+                float* yr = yp + (long)oy * Co;
+                if (HOIST && NR == 3 && NC == 3) {
+                    const float* r0 = buf + (long)oy * d->sy * Wb;
+                    mdnn_dw_row33(r0, r0 + (long)DY * Wb, r0 + 2L * DY * Wb, w, bv, yr, Co, SX, DX);
+                    if (d->act)
+                        mdnn_act_array(d->act, d->act_p, yr, yr, Co);
+                    continue;
+                }
+                for (ox = 0; ox < Co; ox += MDNN_DW_W) {
+                    if (HOIST)
+                        mdnn_dw_block(buf, w, wv, bv, yr, ox, oy * d->sy, 0, NR, NC, SX, DX, DY, Wb, 0, Co, 0);
+                    else
+                        mdnn_dw_block(buf, w, NULL, bv, yr, ox, oy * d->sy, 0, NR, NC, SX, DX, DY, Wb, 0, Co, 0);
+                }
+                if (d->act)
+                    mdnn_act_array(d->act, d->act_p, yr, yr, Co);
+            }
+            return;
+        }
+    #endif
+        for (oy = 0; oy < Ro; oy++) {
+            float* yr = yp + (long)oy * Co;
+            const int iy0 = oy * d->sy - d->py;
+            /* window rows i0..i1-1 inside the image: 0 <= iy0 + i*DY < R */
+            int i0 = iy0 >= 0 ? 0 : (-iy0 + DY - 1) / DY;
+            int i1 = R - 1 - iy0 >= 0 ? (R - 1 - iy0) / DY + 1 : 0;
+            if (i1 > NR) i1 = NR;
+            if (i0 > i1) i0 = i1;
+    #if MDNN_DW_AVX2
+            if (d->vec && HOIST && i0 == 0 && i1 == NR) {
+                /* every window row inside the image (all but the first and last rows):
+                 * the rows are compile-time constants too, so the taps stay in registers */
+                for (ox = 0; ox < Co; ox += MDNN_DW_W) {
+                    if (ox >= lo && ox + MDNN_DW_W <= hi)
+                        mdnn_dw_block(xp, w, wv, bv, yr, ox, iy0, 0, NR, NC, SX, DX, DY, C, px, Co, 0);
+                    else
+                        mdnn_dw_block(xp, w, wv, bv, yr, ox, iy0, 0, NR, NC, SX, DX, DY, C, px, Co, 1);
+                }
+            } else if (d->vec) {
+                for (ox = 0; ox < Co; ox += MDNN_DW_W) {
+                    if (ox >= lo && ox + MDNN_DW_W <= hi)
+                        mdnn_dw_block(xp, w, NULL, bv, yr, ox, iy0, i0, i1, NC, SX, DX, DY, C, px, Co, 0);
+                    else
+                        mdnn_dw_block(xp, w, NULL, bv, yr, ox, iy0, i0, i1, NC, SX, DX, DY, C, px, Co, 1);
+                }
+            } else
+    #endif
+            {
+                for (ox = 0; ox < Co; ox++)
+                    yr[ox] = mdnn_dw_col(xp, w, bv, ox, iy0, i0, i1, NC, SX, DX, DY, C, px);
+            }
+            if (d->act)
+                mdnn_act_array(d->act, d->act_p, yr, yr, Co);
+        }
+    }
+
+    static void mdnn_dw_plane_3x3s1(const mdnn_dw_t* d, long p, int t) { mdnn_dw_plane_t(d, p, t, 3, 3, 1, 1, 1); }
+    static void mdnn_dw_plane_3x3s2(const mdnn_dw_t* d, long p, int t) { mdnn_dw_plane_t(d, p, t, 3, 3, 2, 1, 1); }
+    static void mdnn_dw_plane_5x5s1(const mdnn_dw_t* d, long p, int t) { mdnn_dw_plane_t(d, p, t, 5, 5, 1, 1, 0); }
+    static void mdnn_dw_plane_5x5s2(const mdnn_dw_t* d, long p, int t) { mdnn_dw_plane_t(d, p, t, 5, 5, 2, 1, 0); }
+    static void mdnn_dw_plane_any(const mdnn_dw_t* d, long p, int t)
+    {
+        /* stride 1 and 2 keep their vector loads with run-time taps and dilation */
+        if (d->sx == 1)
+            mdnn_dw_plane_t(d, p, t, d->nr, d->nc, 1, d->dx, 0);
+        else if (d->sx == 2)
+            mdnn_dw_plane_t(d, p, t, d->nr, d->nc, 2, d->dx, 0);
+        else
+            mdnn_dw_plane_t(d, p, t, d->nr, d->nc, d->sx, d->dx, 0);
+    }
+
+    typedef void (*mdnn_dw_fn)(const mdnn_dw_t*, long, int);
+
+    /* the plane loop for this geometry; *name: which one (for tests and tuning) */
+    static mdnn_dw_fn mdnn_dw_pick(const mdnn_dw_t* d, int* which)
+    {
+        if (d->dx == 1 && d->nr == 3 && d->nc == 3 && d->sx == 1) { *which = 1; return mdnn_dw_plane_3x3s1; }
+        if (d->dx == 1 && d->nr == 3 && d->nc == 3 && d->sx == 2) { *which = 2; return mdnn_dw_plane_3x3s2; }
+        if (d->dx == 1 && d->nr == 5 && d->nc == 5 && d->sx == 1) { *which = 3; return mdnn_dw_plane_5x5s1; }
+        if (d->dx == 1 && d->nr == 5 && d->nc == 5 && d->sx == 2) { *which = 4; return mdnn_dw_plane_5x5s2; }
+        *which = 0;
+        return mdnn_dw_plane_any;
+    }
+    """
+    ctypedef struct mdnn_dw_t:
+        const float* x
+        const float* w
+        const float* b
+        float* y
+        int N, K, R, C, F, m, nr, nc, sy, sx, py, px, dy, dx, Ro, Co
+        int act
+        float act_p
+        int vec
+        int pad
+        int Rp, Wb
+        float* ws
+        long ws_per
+    ctypedef void (*mdnn_dw_fn)(const mdnn_dw_t*, long, int) noexcept nogil
+    mdnn_dw_fn mdnn_dw_pick(const mdnn_dw_t* d, int* which) nogil
+    int mdnn_dw_have_avx2() nogil
+    int MDNN_DW_W
+
+include "workspace.pxi"
+include "im2col.pxi"
+
+
+def workspace_bytes():
+    """Size of this module's grow-only workspace, in bytes (for tests/benchmarks)."""
+    return _ws_n * sizeof(float)
+
+
+# ------------------------------------------------------------------ settings
+
+# Route choice (tests force a route; 0 = by shape): 1 = depthwise, 2 = gemm.
+cdef int _force_route = 0
+cdef bint _dw_vec = True
+# Depthwise, padded-plane variant (each input plane copied once into a zero-bordered
+# per-thread buffer: no masked loads, no per-row bounds, the taps in registers on every
+# row): measured 1.2-2.3x faster than reading x in place on every MobileNet shape
+# (112x112 down to 7x7), so it is taken whenever its buffer fits DW_PAD_MAX_BYTES
+# (else the in-place variant, masked border blocks); 0 = by that rule, 1 = always,
+# 2 = never.
+cdef isize DW_PAD_MAX_BYTES = 4 * 1024 * 1024
+cdef int _dw_pad_mode = 0
+# Work (output elements x taps) below which a call stays on one thread.
+cdef double MIN_PARALLEL_WORK = 100000.0
+# gemm route: one chunk of im2col columns (KgRS x pw floats) sized to sit in L2
+# while sgemm packs it, at least GR_MIN_PW columns; at 2+ threads a sample with
+# few (group, chunk) tasks is cut into narrower chunks (halved down to
+# GR_MIN_PW) until there are 4 tasks per thread.
+cdef isize GR_PW_BYTES = 256 * 1024
+cdef int GR_MIN_PW = 64
+
+
+def _set_grouped_path(str name):
+    """Force conv2d_grouped's route: "auto", "depthwise" (groups == K only) or "gemm".
+    For tests and tuning; returns the previous name."""
+    global _force_route
+    names = ("auto", "depthwise", "gemm")
+    if name not in names:
+        raise ValueError(f"_set_grouped_path: expected one of {names}, got {name!r}")
+    prev = names[_force_route]
+    _force_route = names.index(name)
+    return prev
+
+
+def _set_depthwise_vector(bint on):
+    """Allow (True) or forbid the AVX2 blocks of the depthwise route (False: the
+    scalar loop, as on a machine without AVX2); returns the previous setting."""
+    global _dw_vec
+    prev = _dw_vec
+    _dw_vec = on
+    return prev
+
+
+def _set_depthwise_padded(str mode):
+    """Force the depthwise route's padded-plane variant: "auto" (when its buffer fits
+    DW_PAD_MAX_BYTES), "always" or "never"; returns the previous mode."""
+    global _dw_pad_mode
+    names = ("auto", "always", "never")
+    if mode not in names:
+        raise ValueError(f"_set_depthwise_padded: expected one of {names}, got {mode!r}")
+    prev = names[_dw_pad_mode]
+    _dw_pad_mode = names.index(mode)
+    return prev
+
+
+cdef inline bint _use_padded(isize buf_floats) noexcept nogil:
+    if _dw_pad_mode == 1:
+        return True
+    if _dw_pad_mode == 2:
+        return False
+    return 4 * buf_floats <= DW_PAD_MAX_BYTES
+
+
+def _set_pw_bytes(isize v):
+    """Tuning knob: bytes of im2col columns per task of the gemm route; returns the previous."""
+    global GR_PW_BYTES
+    prev = GR_PW_BYTES
+    GR_PW_BYTES = v if v > 0 else 1
+    return prev
+
+
+def _dw_have_avx2():
+    """Whether the depthwise route was compiled with its AVX2 blocks."""
+    return bool(mdnn_dw_have_avx2())
+
+
+def _blocking():
+    """The blocking constants of this module (tests/test_conv_family.py checks them)."""
+    return dict(dw_block=MDNN_DW_W, dw_pad_max_bytes=DW_PAD_MAX_BYTES, gr_pw_bytes=GR_PW_BYTES,
+                gr_min_pw=GR_MIN_PW, min_parallel_work=MIN_PARALLEL_WORK)
+
+
+cdef inline bint _use_depthwise(int K, int groups) noexcept nogil:
+    if groups != K:
+        return False
+    return _force_route != 2
+
+
+# ------------------------------------------------------------------ validation
+
+cdef struct GArgs:
+    const float* x
+    const float* w
+    const float* b
+    float* y
+    float* ws
+    isize ws_per_thread
+    int N, K, R, C, F, nr, nc, sy, sx, py, px, dy, dx, Ro, Co, P
+    int G, Kg, Fg, KgRS
+    int pw, n_pc       # pixel chunk width, chunks per (sample, group)
+    bint direct        # 1x1, stride 1, no pad, no dilation: x is the column matrix
+    int act
+    float act_p
+
+
+cdef tuple _geometry(str op, tuple xs, tuple ws, int sy, int sx, int py, int px, int dy, int dx,
+                     int groups):
+    """(Ro, Co) for x (N, K, R, C) and w (F, K/groups, nr, nc); ValueError for a bad call."""
+    N, K, R, C = xs
+    F, Kg, nr, nc = ws
+    if sy < 1 or sx < 1 or py < 0 or px < 0 or dy < 1 or dx < 1:
+        raise ValueError(f"{op}: strides and dilations must be >= 1 and pads >= 0, got "
+                         f"stride ({sy}, {sx}) pad ({py}, {px}) dilation ({dy}, {dx})")
+    if K < 1:
+        raise ValueError(f"{op}: x {xs} has no channels")
+    if groups < 1 or K % groups or F % groups:
+        raise ValueError(f"{op}: groups = {groups} must be >= 1 and divide both the input "
+                         f"channels ({K}) and the filters ({F})")
+    if Kg != K // groups:
+        raise ValueError(f"{op}: w {ws} does not match x {xs} with groups = {groups} "
+                         f"(expected w.shape[1] == {K // groups})")
+    if nr < 1 or nc < 1 or dy * (nr - 1) + 1 > R + 2 * py or dx * (nc - 1) + 1 > C + 2 * px:
+        raise ValueError(f"{op}: filter {nr}x{nc} dilated by ({dy}, {dx}) does not fit the "
+                         f"padded input {R}x{C} (pad {py}, {px})")
+    return mdnn_out_size(R, nr, sy, py, dy), mdnn_out_size(C, nc, sx, px, dx)
+
+
+cdef inline isize _ceil(isize a, isize b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef void _gr_plan(GArgs* a, int nt) noexcept nogil:
+    cdef isize pw = GR_PW_BYTES // (4 * (a.KgRS if a.KgRS > 0 else 1))
+    cdef isize tasks
+    if pw < GR_MIN_PW:
+        pw = GR_MIN_PW
+    pw = pw // 16 * 16 if pw >= 16 else pw
+    if a.direct or pw >= a.P:
+        pw = a.P
+    tasks = <isize>a.N * a.G * _ceil(a.P, pw)
+    while nt > 1 and tasks < 4 * nt and pw > GR_MIN_PW and not a.direct:
+        pw = _ceil(pw // 2, 16) * 16
+        if pw < GR_MIN_PW:
+            pw = GR_MIN_PW
+        tasks = <isize>a.N * a.G * _ceil(a.P, pw)
+    a.pw = <int>pw
+    a.n_pc = <int>_ceil(a.P, pw)
+    a.ws_per_thread = 0 if a.direct else (<isize>a.KgRS * a.pw + 15) // 16 * 16
+
+
+cdef void _gr_task(const GArgs* a, isize task, int tid) noexcept nogil:
+    """(sample, group, pixel chunk): im2col of the group's channels, one sgemm into the
+    group's output rows, then the bias/activation on the block."""
+    cdef int per_n = a.G * a.n_pc
+    cdef int n = <int>(task // per_n)
+    cdef int r = <int>(task - <isize>n * per_n)
+    cdef int g = r // a.n_pc
+    cdef int pc = r - g * a.n_pc
+    cdef int p0 = pc * a.pw
+    cdef int pwid = a.pw if p0 + a.pw <= a.P else a.P - p0
+    cdef const float* xg = a.x + (<isize>n * a.K + <isize>g * a.Kg) * a.R * a.C
+    cdef float* yg = a.y + (<isize>n * a.F + <isize>g * a.Fg) * a.P + p0
+    cdef const float* wg = a.w + <isize>g * a.Fg * a.KgRS
+    cdef float* A
+    cdef int lda, ldb = a.KgRS, ldc = a.P, kk = a.KgRS, fg = a.Fg, f, c
+    cdef float one = 1.0, zero = 0.0, bv
+    cdef float* yr
+    if a.direct:
+        A = <float*>xg + p0
+        lda = a.P
+    else:
+        A = a.ws + tid * a.ws_per_thread
+        lda = pwid
+        _im2col(xg, A, a.Kg, a.R, a.C, a.nr, a.nc, a.sy, a.sx, a.py, a.px, a.dy, a.dx,
+                a.Co, p0, pwid, pwid)
+    # column-major: y_g^T (pw x Fg) = col^T (pw x KgRS) * w_g^T (KgRS x Fg)
+    sgemm(b"N", b"N", &pwid, &fg, &kk, &one, A, &lda, <float*>wg, &ldb, &zero, yg, &ldc)
+    if a.b == NULL and a.act == MDNN_ACT_IDENTITY:
+        return
+    for f in range(a.Fg):
+        yr = yg + <isize>f * a.P
+        if a.b != NULL:
+            bv = a.b[g * a.Fg + f]
+            for c in range(pwid):
+                yr[c] = yr[c] + bv
+        if a.act != MDNN_ACT_IDENTITY:
+            mdnn_act_array(a.act, a.act_p, yr, yr, pwid)
+
+
+def _grouped_route_for(x_shape, w_shape, int groups):
+    """The route conv2d_grouped takes for these shapes: "depthwise" or "gemm"."""
+    return "depthwise" if _use_depthwise(x_shape[1], groups) else "gemm"
+
+
+def _grouped_plan(x_shape, w_shape, int stride_y, int stride_x, int pad_y, int pad_x,
+                  int dilation_y, int dilation_x, int groups, int nt):
+    """The gemm route's task plan (for tests and tuning): a dict."""
+    cdef GArgs a
+    Ro, Co = _geometry("_grouped_plan", tuple(x_shape), tuple(w_shape), stride_y, stride_x,
+                       pad_y, pad_x, dilation_y, dilation_x, groups)
+    _fill(&a, tuple(x_shape), tuple(w_shape), stride_y, stride_x, pad_y, pad_x,
+          dilation_y, dilation_x, groups, Ro, Co)
+    _gr_plan(&a, nt)
+    return dict(pw=a.pw, n_pc=a.n_pc, tasks=a.N * a.G * a.n_pc, direct=bool(a.direct),
+                ws_per_thread=a.ws_per_thread)
+
+
+cdef void _fill(GArgs* a, tuple xs, tuple ws, int sy, int sx, int py, int px, int dy, int dx,
+                int groups, isize Ro, isize Co):
+    a.N, a.K, a.R, a.C = xs
+    a.F, a.Kg, a.nr, a.nc = ws
+    a.sy = sy; a.sx = sx; a.py = py; a.px = px; a.dy = dy; a.dx = dx
+    a.Ro = <int>Ro; a.Co = <int>Co; a.P = <int>(Ro * Co)
+    a.G = groups; a.Fg = a.F // groups; a.KgRS = a.Kg * a.nr * a.nc
+    a.direct = a.nr == 1 and a.nc == 1 and sy == 1 and sx == 1 and py == 0 and px == 0 \
+        and dy == 1 and dx == 1
+
+
+def conv2d_grouped(x, w, b, y, int stride_y, int stride_x, int pad_y, int pad_x,
+                   int dilation_y, int dilation_x, int groups, act):
+    """y (N,F,Ro,Co) = the grouped, dilated cross-correlation of x (N,K,R,C) with
+    w (F,K/groups,nr,nc): output channel f of group g = f // (F/groups) sums over the
+    input channels [g K/groups, (g+1) K/groups), tap (i, j) reading
+    x[n, k, oy*stride_y - pad_y + i*dilation_y, ox*stride_x - pad_x + j*dilation_x]
+    (zero outside); + b (F,) unless None; then the activation act."""
+    op = "conv2d_grouped"
+    cdef float act_p
+    cdef int act_code = _act(act, &act_p, op)
+    cdef cnp.ndarray ax = _f32_nd(x, op + " x", 4)
+    cdef cnp.ndarray aw = _f32_nd(w, op + " w", 4)
+    cdef cnp.ndarray ay = _f32_nd(y, op + " y", 4, True)
+    cdef cnp.ndarray ab = None
+    xs, wsh = _shape(ax), _shape(aw)
+    Ro, Co = _geometry(op, xs, wsh, stride_y, stride_x, pad_y, pad_x, dilation_y, dilation_x, groups)
+    N, K, F = xs[0], xs[1], wsh[0]
+    if _shape(ay) != (N, F, Ro, Co):
+        raise ValueError(f"{op}: y has shape {_shape(ay)}, expected {(N, F, Ro, Co)}")
+    if b is not None:
+        ab = _f32(b, op + " b")
+        if cnp.PyArray_SIZE(ab) != F:
+            raise ValueError(f"{op}: b has {cnp.PyArray_SIZE(ab)} elements, expected {F}")
+    _no_alias(ay, ax, op)
+    _no_alias(ay, aw, op)
+    _check_int(N * max(K * xs[2] * xs[3], F * Ro * Co), op + " N*K*R*C")
+    _check_int((K // groups) * wsh[2] * wsh[3] * Ro * Co, op + " K/groups*nr*nc*Ro*Co")
+    _check_int(F * (K // groups) * wsh[2] * wsh[3], op + " w")
+    if N == 0 or F == 0:
+        return
+    cdef GArgs a
+    _fill(&a, xs, wsh, stride_y, stride_x, pad_y, pad_x, dilation_y, dilation_x, groups, Ro, Co)
+    a.x = _ptr(ax); a.w = _ptr(aw); a.y = _ptr(ay)
+    a.b = _ptr(ab) if ab is not None else NULL
+    a.act = act_code; a.act_p = act_p
+    cdef int nt = _threads()
+    if <double>a.N * a.F * a.P * (a.KgRS if a.KgRS > 0 else 1) < MIN_PARALLEL_WORK:
+        nt = 1
+    if _use_depthwise(a.K, groups):
+        _depthwise(&a, nt)
+        return
+    _gr_plan(&a, nt)
+    cdef isize ntasks = <isize>a.N * a.G * a.n_pc, t
+    if ntasks < nt:
+        nt = <int>ntasks
+    cdef bint private = False
+    cdef float* wsp = _workspace_acquire(<size_t>(a.ws_per_thread * nt), &private)
+    a.ws = wsp
+    try:
+        with nogil:
+            if nt == 1:
+                for t in range(ntasks):
+                    _gr_task(&a, t, 0)
+            else:
+                for t in prange(ntasks, num_threads=nt, schedule="dynamic"):
+                    _gr_task(&a, t, threadid())
+    finally:
+        _workspace_release(wsp, private)
+
+
+cdef int _depthwise(const GArgs* a, int nt) except -1:
+    cdef mdnn_dw_t d
+    cdef int which, t
+    d.x = a.x; d.w = a.w; d.b = a.b; d.y = a.y
+    d.N = a.N; d.K = a.K; d.R = a.R; d.C = a.C; d.F = a.F; d.m = a.F // a.K
+    d.nr = a.nr; d.nc = a.nc; d.sy = a.sy; d.sx = a.sx; d.py = a.py; d.px = a.px
+    d.dy = a.dy; d.dx = a.dx; d.Ro = a.Ro; d.Co = a.Co
+    d.act = a.act; d.act_p = a.act_p; d.vec = 1 if _dw_vec and mdnn_dw_have_avx2() else 0
+    cdef mdnn_dw_fn fn = mdnn_dw_pick(&d, &which)
+    cdef long planes = <long>a.N * a.F, p
+    if nt > planes:
+        nt = <int>planes
+    if nt < 1:
+        nt = 1
+    cdef isize nb = _ceil(a.Co, MDNN_DW_W)
+    d.Rp = a.R + 2 * a.py
+    d.Wb = <int>max(<isize>a.C + 2 * a.px, (nb * MDNN_DW_W - 1) * a.sx + (a.nc - 1) * a.dx + 1 + 8)
+    d.pad = 1 if d.vec and _use_padded(<isize>d.Rp * d.Wb) else 0
+    d.ws_per = (16 + <isize>d.Rp * d.Wb + 15) // 16 * 16 if d.pad else 0
+    cdef bint private = False
+    cdef float* ws = _workspace_acquire(<size_t>(d.ws_per * nt), &private)
+    cdef long none = -1
+    d.ws = ws
+    if d.pad:
+        for t in range(nt):
+            memcpy(ws + t * d.ws_per, &none, sizeof(long))      # no plane held yet
+    try:
+        with nogil:
+            if nt <= 1:
+                for p in range(planes):
+                    fn(&d, p, 0)
+            else:
+                for p in prange(planes, num_threads=nt, schedule="static"):
+                    fn(&d, p, threadid())
+    finally:
+        _workspace_release(ws, private)
+    return 0
+
+
+def _dw_plan_for(x_shape, w_shape, int stride_y, int stride_x, int pad_y, int pad_x,
+                 int dilation_y=1, int dilation_x=1):
+    """The depthwise route's choices for these shapes (for tests and tuning): a dict with
+    the padded-plane buffer (rows Rp, row length Wb) and whether it is used."""
+    N, K, R, C = x_shape
+    F, _, nr, nc = w_shape
+    Ro, Co = _geometry("_dw_plan_for", tuple(x_shape), tuple(w_shape), stride_y, stride_x,
+                       pad_y, pad_x, dilation_y, dilation_x, K)
+    nb = -(-Co // MDNN_DW_W)
+    Rp = R + 2 * pad_y
+    Wb = max(C + 2 * pad_x, (nb * MDNN_DW_W - 1) * stride_x + (nc - 1) * dilation_x + 1 + 8)
+    vec = _dw_vec and mdnn_dw_have_avx2()
+    return dict(vec=bool(vec), padded=bool(vec and _use_padded(Rp * Wb)), Rp=Rp, Wb=Wb,
+                variant=_depthwise_variant(nr, nc, stride_x, dilation_x))
+
+
+def _depthwise_variant(int nr, int nc, int stride_x, int dilation_x):
+    """Which compiled plane loop the depthwise route runs for this filter and column
+    stride/dilation: "3x3s1", "3x3s2", "5x5s1", "5x5s2" or "any"."""
+    cdef mdnn_dw_t d
+    cdef int which
+    d.nr = nr; d.nc = nc; d.sx = stride_x; d.dx = dilation_x
+    mdnn_dw_pick(&d, &which)
+    return ("any", "3x3s1", "3x3s2", "5x5s1", "5x5s2")[which]
