@@ -8,6 +8,9 @@ batch-norm statistics and biases, so that comparisons exercise everything.
 - ``cifar_resnet(widths, blocks, classes)``: basic residual blocks with tag/skip/
   add_prev shortcuts and 1x1 stride-2 projections (3x32x32).
 - ``resnet18()``: ImageNet's ResNet-18 (3x224x224).
+- ``mobilenet_v2(width, classes)``: MobileNet-v2: inverted residual blocks (1x1 expansion,
+  depthwise 3x3, 1x1 projection, batch-norm, clipped_relu (ReLU6), add_prev shortcuts)
+  (3x224x224).
 """
 import numpy as np
 
@@ -55,11 +58,49 @@ def resnet18(classes=1000):
     return L.fc(classes, L.avg_pool_everything(net))
 
 
+def _ch(c, width):
+    """Channels scaled by the width multiplier, rounded to a multiple of 8 (as MobileNet)."""
+    return max(8, int(c * width + 4) // 8 * 8)
+
+
+def inverted_residual(sub, k_in, k_out, stride, expand):
+    """MobileNet-v2's block: 1x1 expansion + bn + relu6 (unless expand == 1), depthwise 3x3
+    (stride) + bn + relu6, 1x1 projection + bn; x + block(x) when the shapes allow."""
+    residual = stride == 1 and k_in == k_out
+    x = L.tag1(sub) if residual else sub
+    hidden = k_in * expand
+    if expand != 1:
+        x = L.clipped_relu(L.bn_con(L.con(hidden, 1, 1, 1, 1, x, bias=False)))
+    x = L.clipped_relu(L.bn_con(L.con(hidden, 3, 3, stride, stride, x, padding_y=1, padding_x=1,
+                                      groups=hidden, bias=False)))
+    x = L.bn_con(L.con(k_out, 1, 1, 1, 1, x, bias=False))
+    return L.add_prev1(x) if residual else x
+
+
+MOBILENET_V2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                (6, 160, 3, 2), (6, 320, 1, 1))      # (expansion t, channels c, blocks n, stride s)
+
+
+def mobilenet_v2(width=1.0, classes=1000, config=MOBILENET_V2, last=1280):
+    k = _ch(32, width)
+    net = L.clipped_relu(L.bn_con(L.con(k, 3, 3, 2, 2, L.input_tensor(), padding_y=1, padding_x=1,
+                                        bias=False)))
+    for t, c, n, s in config:
+        c = _ch(c, width)
+        for i in range(n):
+            net = inverted_residual(net, k, c, s if i == 0 else 1, t)
+            k = c
+    last = _ch(last, max(width, 1.0))
+    net = L.clipped_relu(L.bn_con(L.con(last, 1, 1, 1, 1, net, bias=False)))
+    return L.fc(classes, L.avg_pool_everything(net))
+
+
 # name: (factory, input (K, R, C), the large batch the benchmarks use)
 NETS = {
     "lenet": (lenet, (1, 28, 28), 256),
     "cifar_resnet": (cifar_resnet, (3, 32, 32), 64),
     "resnet18": (resnet18, (3, 224, 224), 16),
+    "mobilenet_v2": (mobilenet_v2, (3, 224, 224), 16),
 }
 
 

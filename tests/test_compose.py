@@ -111,3 +111,21 @@ def test_unet_segmenter_trains_fuses_and_saves(transposed):
     acc = (pred == labt).mean()
     assert pred.shape == labt.shape and acc >= 0.95, acc
     _fuse_and_reload_unchanged(net, xt)
+
+
+# ---------------------------------------------------------------- MobileNet-v2 style
+def test_mobilenet_v2_style_trains_fuses_and_saves():
+    """Depthwise con, clipped_relu, add_prev and avg_pool_everything: minidnn.nets's
+    inverted residual blocks at a small width, on the three shapes."""
+    from minidnn import nets
+    x, y = _shapes(240, size=16)
+    xt, yt = _shapes(120, size=16, seed=1)
+    dnn.set_seed(0)
+    body = nets.mobilenet_v2(width=0.25, classes=3, config=((1, 8, 1, 1), (4, 16, 2, 2), (4, 16, 2, 1)),
+                             last=32)
+    net = _train(dnn.loss_multiclass_log(body), x, y, epochs=20, lr=0.01)
+    acc = (net(xt) == yt).mean()
+    assert acc >= 0.9, acc
+    kinds = [n.layer_details() for n in net.chain()]
+    assert any(l.kind == "con" and l.groups > 1 for l in kinds) and any(l.kind == "add_prev1" for l in kinds)
+    _fuse_and_reload_unchanged(net, xt)
