@@ -147,76 +147,14 @@ def run_interleaved(engines, want, max_rounds):
 
 # -------------------------------------------------------------------- nets
 
-def lenet():
-    net = dnn.max_pool(2, 2, 2, 2, dnn.relu(dnn.bn_con(dnn.con(6, 5, 5, 1, 1, dnn.input_tensor(),
-                                                               padding_y=0, padding_x=0))))
-    net = dnn.max_pool(2, 2, 2, 2, dnn.relu(dnn.bn_con(dnn.con(16, 5, 5, 1, 1, net,
-                                                               padding_y=0, padding_x=0))))
-    net = dnn.relu(dnn.bn_fc(dnn.fc(120, net)))
-    net = dnn.relu(dnn.fc(84, net))
-    return dnn.fc(10, net)
-
-
-def _block(n, sub):
-    """Basic block, identity shortcut: relu(x + bn(con(relu(bn(con(x))))))."""
-    t = dnn.tag1(sub)
-    r = dnn.bn_con(dnn.con(n, 3, 3, 1, 1, dnn.relu(dnn.bn_con(dnn.con(n, 3, 3, 1, 1, t)))))
-    return dnn.relu(dnn.add_prev1(r))
-
-
-def _down_block(n, sub):
-    """Basic block, stride 2, 1x1 stride-2 projection shortcut (tag2 holds it;
-    skip1 brings the block input back for the main path)."""
-    t = dnn.tag1(sub)
-    proj = dnn.tag2(dnn.bn_con(dnn.con(n, 1, 1, 2, 2, t)))
-    main = dnn.skip1(proj)
-    r = dnn.relu(dnn.bn_con(dnn.con(n, 3, 3, 2, 2, main, padding_y=1, padding_x=1)))
-    r = dnn.bn_con(dnn.con(n, 3, 3, 1, 1, r))
-    return dnn.relu(dnn.add_prev2(r))
-
-
-def cifar_resnet():
-    net = dnn.relu(dnn.bn_con(dnn.con(32, 3, 3, 1, 1, dnn.input_tensor())))
-    for i, n in enumerate((32, 64, 128)):
-        net = _block(n, net) if i == 0 else _down_block(n, net)
-        net = _block(n, net)
-    return dnn.fc(10, dnn.avg_pool_everything(net))
-
-
-def resnet18():
-    net = dnn.relu(dnn.bn_con(dnn.con(64, 7, 7, 2, 2, dnn.input_tensor(), padding_y=3, padding_x=3)))
-    net = dnn.max_pool(3, 3, 2, 2, net, padding_y=1, padding_x=1)
-    for i, n in enumerate((64, 128, 256, 512)):
-        net = _block(n, net) if i == 0 else _down_block(n, net)
-        net = _block(n, net)
-    return dnn.fc(1000, dnn.avg_pool_everything(net))
-
-
-NETS = {  # name: (factory, input (K, R, C), large batch)
-    "lenet": (lenet, (1, 28, 28), 256),
-    "cifar_resnet": (cifar_resnet, (3, 32, 32), 64),
-    "resnet18": (resnet18, (3, 224, 224), 16),
-}
+# The reference nets: minidnn.nets (shared with the tests).
+from minidnn.nets import NETS  # noqa: E402
 
 
 def build(name, batch):
-    """A minidnn net with its parameters and random batch-norm statistics."""
-    factory, shape, _ = NETS[name]
-    dnn.set_seed(0)
-    net = factory()
-    net.forward(np.zeros((batch,) + shape, np.float32))        # allocates parameters
-    rng = np.random.default_rng(1)
-    for node in reversed(net.chain()):                         # bottom first
-        l = node.layer_details()
-        if type(l).__name__ == "bn_":
-            k = l.gamma.shape
-            l.gamma[...] = rng.uniform(0.5, 1.5, k)
-            l.beta[...] = rng.uniform(-0.2, 0.2, k)
-            l.running_mean[...] = rng.uniform(-0.2, 0.2, k)
-            l.running_var[...] = rng.uniform(0.5, 1.5, k)
-        elif getattr(l, "biases", None) is not None:
-            l.biases[...] = rng.uniform(-0.1, 0.1, l.biases.shape)
-    return net
+    """A minidnn net with its parameters and random batch-norm statistics and biases."""
+    from minidnn import nets
+    return nets.build(name, batch)
 
 
 def flops(net):
@@ -227,7 +165,7 @@ def flops(net):
         kind = type(l).__name__
         if kind == "con_":
             n, f, ro, co = node.get_output().shape
-            total += 2 * n * f * ro * co * l.filters[0].size
+            total += 2 * n * f * ro * co * l.filters[0].size        # (K/groups) * nr * nc
         elif kind == "fc_":
             total += 2 * node.get_output().shape[0] * l.weights.size
     return total
@@ -241,8 +179,10 @@ def torch_twin(net):
     from torch import nn
 
     def con(l):
-        c = nn.Conv2d(l.filters.shape[1], l.filters.shape[0], (l.nr, l.nc), (l.stride_y, l.stride_x),
-                      (l.padding_y, l.padding_x), bias=l.biases is not None)
+        g = getattr(l, "groups", 1)
+        c = nn.Conv2d(l.filters.shape[1] * g, l.filters.shape[0], (l.nr, l.nc), (l.stride_y, l.stride_x),
+                      (l.padding_y, l.padding_x), bias=l.biases is not None, groups=g,
+                      dilation=(getattr(l, "dilation_y", 1), getattr(l, "dilation_x", 1)))
         c.weight.data = torch.from_numpy(l.filters.copy())
         if l.biases is not None:
             c.bias.data = torch.from_numpy(l.biases.copy())
@@ -278,6 +218,8 @@ def torch_twin(net):
                     m = bn(l, l.mode == "conv")
                 elif kind == "relu_":
                     m = nn.ReLU()
+                elif kind == "clipped_relu_":
+                    m = nn.Hardtanh(0.0, l.ceiling)
                 elif kind == "max_pool_":
                     m = nn.MaxPool2d((l.nr, l.nc), (l.stride_y, l.stride_x), (l.padding_y, l.padding_x))
                 elif kind == "avg_pool_" and l.nr == 0:
@@ -428,7 +370,7 @@ def conv_table(nt, nets, reps):
     print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for net in nets:
         for batch in (NETS[net][2], 1):
-            for name, K, R, F, k, s, p in CONV_SHAPES[net]:
+            for name, K, R, F, k, s, p in CONV_SHAPES.get(net, []):
                 x = rng.standard_normal((batch, K, R, R)).astype(np.float32)
                 w = (rng.standard_normal((F, K, k, k)) * 0.1).astype(np.float32)
                 b = rng.standard_normal(F).astype(np.float32)

@@ -31,7 +31,6 @@ for that call instead of waiting or racing.
 include "check.pxi"
 include "act.pxi"
 
-from cython.parallel cimport prange, threadid
 from libc.stdlib cimport free
 from libc.string cimport memset, memcpy
 from scipy.linalg.cython_blas cimport sgemm
@@ -61,6 +60,7 @@ cdef extern from "gemm_avx2.h" nogil:
     int MDNN_EPI
 
 include "workspace.pxi"
+include "parallel.pxi"
 
 
 def workspace_bytes():
@@ -116,6 +116,10 @@ cdef struct ConvArgs:
     bint direct        # 1x1, stride 1, pad 0: x[n] is already the column matrix
     int act            # the epilogue's activation (activations.h) and its parameter
     float act_p
+
+
+cdef void _conv_task_run(void* ctx, long task, int tid) noexcept nogil:
+    _conv_task(<const ConvArgs*>ctx, task, tid)
 
 
 cdef void _conv_task(const ConvArgs* a, isize task, int tid) noexcept nogil:
@@ -360,6 +364,10 @@ cdef void _ig_plan(IgArgs* g, int nt) noexcept nogil:
         g.ws_per_thread = (<isize>ncw * kcs + 15) // 16 * 16
 
 
+cdef void _ig_task_run(void* ctx, long task, int tid) noexcept nogil:
+    _ig_task(<const IgArgs*>ctx, task, tid)
+
+
 cdef void _ig_task(const IgArgs* g, isize task, int tid) noexcept nogil:
     cdef int cc = <int>(task // g.n_fb)
     cdef int fb = <int>(task - <isize>cc * g.n_fb)
@@ -419,12 +427,7 @@ cdef void _conv_implicit(const ConvArgs* a, int nt) except *:
     cdef isize t
     try:
         with nogil:
-            if nt == 1:
-                for t in range(ntasks):
-                    _ig_task(&g, t, 0)
-            else:
-                for t in prange(ntasks, num_threads=nt, schedule="dynamic"):
-                    _ig_task(&g, t, threadid())
+            mdnn_parallel_for(ntasks, nt, _ig_task_run, &g)
     finally:
         _workspace_release(ws, private)
 
@@ -581,12 +584,7 @@ cdef int _conv(x, w, b, z, y, int stride_y, int stride_x, int pad_y, int pad_x, 
     cdef isize t
     try:
         with nogil:
-            if nt == 1:
-                for t in range(ntasks):
-                    _conv_task(&a, t, 0)
-            else:
-                for t in prange(ntasks, num_threads=nt, schedule="dynamic"):
-                    _conv_task(&a, t, threadid())
+            mdnn_parallel_for(ntasks, nt, _conv_task_run, &a)
     finally:
         _workspace_release(ws, private)
     return 0
@@ -653,6 +651,35 @@ cdef void _fc_task(const float* x, const float* w, const float* b, float* y,
             mdnn_act_array(act, ap, yr, yr, no)
 
 
+cdef struct FcArgs:
+    const float* x
+    const float* w
+    const float* b
+    float* y
+    int N, D, O, act
+    float ap
+    int nb, parts          # gemv: blocks of 6 outputs, cut into parts tasks
+    int ns, no, bn, bo     # sgemm: samples x outputs tasks of bn x bo
+
+
+cdef void _fc_gemv_run(void* ctx, long t, int tid) noexcept nogil:
+    cdef const FcArgs* a = <const FcArgs*>ctx
+    cdef int lo = <int>(t * a.nb // a.parts) * 6
+    cdef int hi = min(<int>((t + 1) * a.nb // a.parts) * 6, a.O)
+    if hi > lo:
+        _fc_gemv(a.x, a.w, a.b, a.y, a.N, a.D, a.O, lo, hi - lo, a.act, a.ap)
+
+
+cdef void _fc_sgemm_run(void* ctx, long t, int tid) noexcept nogil:
+    cdef const FcArgs* a = <const FcArgs*>ctx
+    cdef int n0 = <int>(t // a.no) * a.bn
+    cdef int o0 = <int>(t % a.no) * a.bo
+    cdef int nn = min(a.bn, a.N - n0)
+    cdef int nno = min(a.bo, a.O - o0)
+    if nn > 0 and nno > 0:
+        _fc_task(a.x, a.w, a.b, a.y, a.N, a.D, a.O, n0, nn, o0, nno, a.act, a.ap)
+
+
 def fc(x, w, b, y, act):
     """y (N,O) = x (N,D) @ w (O,D).T + b (O,) if b is not None, then max(., 0)
     the activation act. x may be any C-contiguous (N, ...) array of N*D elements, y any
@@ -689,17 +716,18 @@ def fc(x, w, b, y, act):
     if <double>N * O * (D if D > 0 else 1) < 200000.0:
         nt = 1
     cdef int nb, t0
+    cdef FcArgs fa
     if mdnn_have_avx2() and N <= MDNN_NARROW and D > 0 and _force_path != 1:
         # a few samples: sgemm would pack w for a matrix-vector product
         nb = (<int>O + 5) // 6              # blocks of 6 outputs
         if nt > nb:
             nt = nb if nb > 0 else 1
+        fa.x, fa.w, fa.b, fa.y = px, pw, pb, py
+        fa.N, fa.D, fa.O, fa.nb, fa.parts, fa.act, fa.ap = <int>N, <int>D, <int>O, nb, 4 * nt, act_code, ap
+        if fa.parts > nb:
+            fa.parts = nb
         with nogil:
-            for t0 in prange(nt, num_threads=nt, schedule="static"):
-                _fc_gemv(px, pw, pb, py, <int>N, <int>D, <int>O,
-                         <int>(t0 * nb // nt) * 6,
-                         min(<int>((t0 + 1) * nb // nt) * 6, <int>O) - <int>(t0 * nb // nt) * 6,
-                         act_code, ap)
+            mdnn_parallel_for(fa.parts, nt, _fc_gemv_run, &fa)
         return
     # split the samples when there are enough of them, else the outputs
     cdef int ns = 1, no_ = 1, t
@@ -715,15 +743,11 @@ def fc(x, w, b, y, act):
     if no_ > 1:
         bo = (bo + 7) // 8 * 8
     cdef int ntasks = ns * no_
-    cdef int n0, o0, nn, nno
+    fa.x, fa.w, fa.b, fa.y = px, pw, pb, py
+    fa.N, fa.D, fa.O, fa.act, fa.ap = <int>N, <int>D, <int>O, act_code, ap
+    fa.ns, fa.no, fa.bn, fa.bo = ns, no_, bn, bo
     with nogil:
-        for t in prange(ntasks, num_threads=nt, schedule="static"):
-            n0 = (t // no_) * bn
-            o0 = (t % no_) * bo
-            nn = min(bn, <int>N - n0)
-            nno = min(bo, <int>O - o0)
-            if nn > 0 and nno > 0:
-                _fc_task(px, pw, pb, py, <int>N, <int>D, <int>O, n0, nn, o0, nno, act_code, ap)
+        mdnn_parallel_for(ntasks, nt, _fc_sgemm_run, &fa)
 
 
 # ------------------------------------------------------------ conv2d_transpose
@@ -772,6 +796,10 @@ cdef void _tr_plan(TrArgs* a, int nt) noexcept nogil:
     a.fw = <int>fw
     a.n_fb = <int>_ceil(a.F, fw)
     a.ws_per_thread = 0 if a.direct else (<isize>a.fw * a.nr * a.nc * a.P + 15) // 16 * 16
+
+
+cdef void _tr_task_run(void* ctx, long task, int tid) noexcept nogil:
+    _tr_task(<const TrArgs*>ctx, task, tid)
 
 
 cdef void _tr_task(const TrArgs* a, isize task, int tid) noexcept nogil:
@@ -874,12 +902,7 @@ def conv2d_transpose(x, w, b, y, int stride_y, int stride_x, int pad_y, int pad_
     a.ws = ws
     try:
         with nogil:
-            if nt == 1:
-                for t in range(ntasks):
-                    _tr_task(&a, t, 0)
-            else:
-                for t in prange(ntasks, num_threads=nt, schedule="dynamic"):
-                    _tr_task(&a, t, threadid())
+            mdnn_parallel_for(ntasks, nt, _tr_task_run, &a)
     finally:
         _workspace_release(ws, private)
 

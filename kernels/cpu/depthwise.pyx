@@ -46,7 +46,6 @@ one thread in a fixed order). Workspace: one grow-only buffer (workspace.pxi).
 include "check.pxi"
 include "act.pxi"
 
-from cython.parallel cimport prange, threadid
 from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm
 
@@ -367,6 +366,7 @@ cdef extern from *:
     int MDNN_DW_W
 
 include "workspace.pxi"
+include "parallel.pxi"
 include "im2col.pxi"
 
 
@@ -644,17 +644,27 @@ def conv2d_grouped(x, w, b, y, int stride_y, int stride_x, int pad_y, int pad_x,
     a.ws = wsp
     try:
         with nogil:
-            if nt == 1:
-                for t in range(ntasks):
-                    _gr_task(&a, t, 0)
-            else:
-                for t in prange(ntasks, num_threads=nt, schedule="dynamic"):
-                    _gr_task(&a, t, threadid())
+            mdnn_parallel_for(ntasks, nt, _gr_task_run, &a)
     finally:
         _workspace_release(wsp, private)
 
 
+cdef struct DwRun:
+    mdnn_dw_fn fn
+    const mdnn_dw_t* d
+
+
+cdef void _dw_run(void* ctx, long p, int tid) noexcept nogil:
+    cdef const DwRun* r = <const DwRun*>ctx
+    r.fn(r.d, p, tid)
+
+
+cdef void _gr_task_run(void* ctx, long task, int tid) noexcept nogil:
+    _gr_task(<const GArgs*>ctx, task, tid)
+
+
 cdef int _depthwise(const GArgs* a, int nt) except -1:
+    cdef DwRun dw
     cdef mdnn_dw_t d
     cdef int which, t
     d.x = a.x; d.w = a.w; d.b = a.b; d.y = a.y
@@ -681,13 +691,13 @@ cdef int _depthwise(const GArgs* a, int nt) except -1:
         for t in range(nt):
             memcpy(ws + t * d.ws_per, &none, sizeof(long))      # no plane held yet
     try:
+        dw.fn, dw.d = fn, &d
         with nogil:
             if nt <= 1:
                 for p in range(planes):
                     fn(&d, p, 0)
             else:
-                for p in prange(planes, num_threads=nt, schedule="static"):
-                    fn(&d, p, threadid())
+                mdnn_parallel_for(planes, nt, _dw_run, &dw)
     finally:
         _workspace_release(ws, private)
     return 0

@@ -8,14 +8,60 @@ apply their activation (kernels/common/activations.h) to each block while it
 is in cache."""
 include "check.pxi"
 include "act.pxi"
+include "parallel.pxi"
 
-from cython.parallel cimport prange
 from libc.math cimport expf
 
 # elements per thread below which a parallel region is not worth it
 cdef isize GRAIN = 1 << 15
-# contiguous block handed to one OpenMP iteration
+# contiguous block handed to one task of the parallel-for
 cdef isize BLOCK = 1 << 14
+
+
+cdef struct EltArgs:
+    const float* a          # x (activation, affine, softmax), a (add)
+    const float* b          # b (add)
+    const float* g          # gamma (affine)
+    const float* h          # beta (affine)
+    float* y
+    isize n, K, P, nchunk
+    int code
+    float p
+
+
+cdef void _activation_run(void* ctx, long i, int tid) noexcept nogil:
+    cdef const EltArgs* e = <const EltArgs*>ctx
+    cdef isize o = i * BLOCK
+    mdnn_act_array(e.code, e.p, e.a + o, e.y + o, min(BLOCK, e.n - o))
+
+
+cdef void _add_run(void* ctx, long i, int tid) noexcept nogil:
+    cdef const EltArgs* e = <const EltArgs*>ctx
+    cdef isize o = i * BLOCK
+    _add_block(e.a + o, e.b + o, e.y + o, min(BLOCK, e.n - o), e.code, e.p)
+
+
+cdef void _affine_row_run(void* ctx, long n, int tid) noexcept nogil:
+    cdef const EltArgs* e = <const EltArgs*>ctx
+    _affine_row(e.a + n * e.K, e.y + n * e.K, e.K, e.g, e.h, e.code, e.p)
+
+
+cdef void _affine_plane_run(void* ctx, long i, int tid) noexcept nogil:
+    cdef const EltArgs* e = <const EltArgs*>ctx
+    cdef isize k = i % e.K, o = i * e.P
+    _affine_plane(e.a + o, e.y + o, e.P, e.g[k], e.h[k], e.code, e.p)
+
+
+cdef void _softmax_row_run(void* ctx, long n, int tid) noexcept nogil:
+    cdef const EltArgs* e = <const EltArgs*>ctx
+    _softmax_row(e.a + n * e.K, e.y + n * e.K, e.K)
+
+
+cdef void _softmax_cols_run(void* ctx, long t, int tid) noexcept nogil:
+    cdef const EltArgs* e = <const EltArgs*>ctx
+    cdef isize n_i = t // e.nchunk, c = t - n_i * e.nchunk
+    _softmax_cols(e.a + n_i * e.K * e.P, e.y + n_i * e.K * e.P, <int>e.K, e.P, c * 256,
+                  <int>min(256, e.P - c * 256))
 
 
 def activation(x, y, act):
@@ -32,13 +78,13 @@ def activation(x, y, act):
     cdef float* py = _ptr(ay)
     # transcendental activations cost ~10x a relu per element: parallel sooner
     cdef int nt = _threads_for(n, GRAIN if code <= MDNN_ACT_RELU else GRAIN // 8)
+    cdef EltArgs e
+    e.a, e.y, e.n, e.code, e.p = px, py, n, code, p
     with nogil:
         if nt == 1:
             mdnn_act_array(code, p, px, py, n)
         else:
-            for i in prange(nb, num_threads=nt, schedule="static"):
-                o = i * BLOCK
-                mdnn_act_array(code, p, px + o, py + o, min(BLOCK, n - o))
+            mdnn_parallel_for(nb, nt, _activation_run, &e)
 
 
 cdef inline void _add_block(const float* a, const float* b, float* y, isize n,
@@ -73,10 +119,10 @@ def add(a, b, y, act):
     if nt == 1:
         _add_block(pa, pb, py, n, code, p)
         return
+    cdef EltArgs e
+    e.a, e.b, e.y, e.n, e.code, e.p = pa, pb, py, n, code, p
     with nogil:
-        for i in prange(nb, num_threads=nt, schedule="static"):
-            o = i * BLOCK
-            _add_block(pa + o, pb + o, py + o, min(BLOCK, n - o), code, p)
+        mdnn_parallel_for(nb, nt, _add_run, &e)
 
 
 cdef inline void _affine_plane(const float* x, float* y, isize n, float g, float b,
@@ -129,6 +175,8 @@ def affine(x, gamma, beta, y, act):
     cdef float* py = _ptr(ay)
     cdef isize i, n, k, o
     cdef int nt = _threads_for(N * K * P, GRAIN)
+    cdef EltArgs e
+    e.a, e.y, e.g, e.h, e.K, e.P, e.code, e.p = px, py, pg, pb, K, P, code, p
     if P == 1:
         # FC mode (N, D, 1, 1): per-row vectors
         with nogil:
@@ -136,8 +184,7 @@ def affine(x, gamma, beta, y, act):
                 for n in range(N):
                     _affine_row(px + n * K, py + n * K, K, pg, pb, code, p)
             else:
-                for n in prange(N, num_threads=nt, schedule="static"):
-                    _affine_row(px + n * K, py + n * K, K, pg, pb, code, p)
+                mdnn_parallel_for(N, nt, _affine_row_run, &e)
         return
     with nogil:
         if nt == 1:
@@ -145,10 +192,7 @@ def affine(x, gamma, beta, y, act):
                 k = i % K
                 _affine_plane(px + i * P, py + i * P, P, pg[k], pb[k], code, p)
         else:
-            for i in prange(N * K, num_threads=nt, schedule="static"):
-                k = i % K
-                o = i * P
-                _affine_plane(px + o, py + o, P, pg[k], pb[k], code, p)
+            mdnn_parallel_for(N * K, nt, _affine_plane_run, &e)
 
 
 cdef void _softmax_cols(const float* x, float* y, int K, isize P, isize p0,
@@ -209,19 +253,17 @@ def softmax(x, y):
     cdef float* py = _ptr(ay)
     cdef int nt = _threads_for(N * K * P, GRAIN)
     cdef isize n, t, nchunk, n_i, c
+    cdef EltArgs e
+    e.a, e.y, e.K, e.P = px, py, K, P
     if P == 1:
         with nogil:
             if nt == 1:
                 for n in range(N):
                     _softmax_row(px + n * K, py + n * K, K)
             else:
-                for n in prange(N, num_threads=nt, schedule="static"):
-                    _softmax_row(px + n * K, py + n * K, K)
+                mdnn_parallel_for(N, nt, _softmax_row_run, &e)
         return
     nchunk = (P + 255) // 256
+    e.nchunk = nchunk
     with nogil:
-        for t in prange(N * nchunk, num_threads=nt, schedule="static"):
-            n_i = t // nchunk
-            c = t - n_i * nchunk
-            _softmax_cols(px + n_i * K * P, py + n_i * K * P, <int>K, P, c * 256,
-                          <int>min(256, P - c * 256))
+        mdnn_parallel_for(N * nchunk, nt, _softmax_cols_run, &e)

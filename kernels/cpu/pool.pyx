@@ -2,11 +2,11 @@
 """Pooling CPU kernels: max_pool, avg_pool over (N,K,R,C) planes.
 
 Padding is never counted: a window is clipped to the input before the
-max / mean (avg divides by the number of in-bounds pixels). OpenMP runs over
-the N*K planes."""
+max / mean (avg divides by the number of in-bounds pixels). The N*K planes are
+the tasks of parallel.h's parallel-for."""
 include "check.pxi"
+include "parallel.pxi"
 
-from cython.parallel cimport prange
 from libc.math cimport INFINITY
 
 cdef isize GRAIN = 1 << 14
@@ -135,6 +135,27 @@ cdef object _check_pool(str op, x, y, int nr, int nc, int stride_y, int stride_x
     return ax, ay
 
 
+cdef struct PoolArgs:
+    const float* x
+    float* y
+    int R, C, Ro, Co, nr, nc, sy, sx, py, px
+    isize pin, pout
+    int kind               # 0 average, 1 max, 2 separable max
+
+
+cdef void _pool_run(void* ctx, long i, int tid) noexcept nogil:
+    cdef const PoolArgs* a = <const PoolArgs*>ctx
+    if a.kind == 2:
+        _max_plane_sep(a.x + i * a.pin, a.y + i * a.pout, a.R, a.C, a.Ro, a.Co, a.nr, a.nc,
+                       a.sy, a.sx, a.py, a.px)
+    elif a.kind == 1:
+        _max_plane(a.x + i * a.pin, a.y + i * a.pout, a.R, a.C, a.Ro, a.Co, a.nr, a.nc,
+                   a.sy, a.sx, a.py, a.px)
+    else:
+        _avg_plane(a.x + i * a.pin, a.y + i * a.pout, a.R, a.C, a.Ro, a.Co, a.nr, a.nc,
+                   a.sy, a.sx, a.py, a.px)
+
+
 def _pool(bint is_max, str op, x, y, int nr, int nc, int stride_y, int stride_x,
           int pad_y, int pad_x):
     cdef cnp.ndarray ax, ay
@@ -151,29 +172,16 @@ def _pool(bint is_max, str op, x, y, int nr, int nc, int stride_y, int stride_x,
     cdef int nt = _threads_for(NK * pout * nr * nc, GRAIN)
     # separable max for windows wider than one pixel, rows that fit the stack
     cdef bint sep = nr * nc > 1 and <isize>(Co - 1) * stride_x + nc <= MAXROW
+    cdef PoolArgs a
+    a.x, a.y, a.R, a.C, a.Ro, a.Co, a.nr, a.nc = px, py, R, C, Ro, Co, nr, nc
+    a.sy, a.sx, a.py, a.px, a.pin, a.pout = stride_y, stride_x, pad_y, pad_x, pin, pout
+    a.kind = (2 if sep else 1) if is_max else 0
     with nogil:
         if nt == 1:
             for i in range(NK):
-                if is_max and sep:
-                    _max_plane_sep(px + i * pin, py + i * pout, R, C, Ro, Co, nr, nc,
-                                   stride_y, stride_x, pad_y, pad_x)
-                elif is_max:
-                    _max_plane(px + i * pin, py + i * pout, R, C, Ro, Co, nr, nc,
-                               stride_y, stride_x, pad_y, pad_x)
-                else:
-                    _avg_plane(px + i * pin, py + i * pout, R, C, Ro, Co, nr, nc,
-                               stride_y, stride_x, pad_y, pad_x)
+                _pool_run(&a, i, 0)
         else:
-            for i in prange(NK, num_threads=nt, schedule="static"):
-                if is_max and sep:
-                    _max_plane_sep(px + i * pin, py + i * pout, R, C, Ro, Co, nr, nc,
-                                   stride_y, stride_x, pad_y, pad_x)
-                elif is_max:
-                    _max_plane(px + i * pin, py + i * pout, R, C, Ro, Co, nr, nc,
-                               stride_y, stride_x, pad_y, pad_x)
-                else:
-                    _avg_plane(px + i * pin, py + i * pout, R, C, Ro, Co, nr, nc,
-                               stride_y, stride_x, pad_y, pad_x)
+            mdnn_parallel_for(NK, nt, _pool_run, &a)
 
 
 def max_pool(x, y, int nr, int nc, int stride_y, int stride_x, int pad_y, int pad_x):
