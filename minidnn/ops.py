@@ -158,6 +158,17 @@ def _dispatcher(spec):
     return fn
 
 
+def table():
+    """The op table as markdown (name, arguments, meaning), for the docs."""
+    rows = ["| op | arguments | training | meaning |", "| --- | --- | --- | --- |"]
+    for s in OPS.values():
+        ins = " ".join(a + ("?" if a in s.optional else "") for a in s.inputs)
+        outs = " ".join(a + ("?" if a in s.optional else "") for a in s.outputs)
+        rows.append(f"| {s.name} | `{ins} -> {outs}; {' '.join(s.attrs)}` | "
+                    f"{'yes' if s.grad else ''} | {s.doc} |")
+    return "\n".join(rows)
+
+
 def spec_of(fn):
     """The OpSpec of an ops function or of a backend's implementation (by name), or None."""
     spec = getattr(fn, "spec", None)
