@@ -295,7 +295,9 @@ def _multiclass_log(l, out, target):
     z = out.reshape(n, -1)
     m = z.max(axis=1, keepdims=True)
     lse = np.log(np.exp(z - m).sum(axis=1)) + m[:, 0]
-    return float(np.mean(lse - z[np.arange(n), np.asarray(target, np.int64)]))
+    # dlib's safe_log: -log(max(p, 1e-10))
+    return float(np.mean(np.minimum(lse - z[np.arange(n), np.asarray(target, np.int64)],
+                                    -np.log(1e-10))))
 
 
 @loss_ref(dnn.loss_mean_squared_)

@@ -909,7 +909,8 @@ def loss_multiclass_log(x, labels, dx):
     """Softmax cross-entropy, averaged over the N samples of x (N,K,1,1) (any
     C-contiguous (N, ...) array of N*K values, K = x.size // N) with int64
     labels (N,) in [0, K). Writes dx = (softmax(x) - onehot(label)) / N and
-    returns the mean loss, -log softmax(x)[label], as a Python float."""
+    returns the mean loss, -log max(softmax(x)[label], 1e-10) (dlib's safe_log), as a
+    Python float."""
     op = "loss_multiclass_log"
     cdef cnp.ndarray ax = _f32(x, op + " x")
     cdef cnp.ndarray adx = _f32(dx, op + " dx", True)
@@ -947,7 +948,8 @@ def loss_multiclass_log(x, labels, dx):
         for k in range(K):
             dr[k] = <float>(scale * exp(xr[k] - mx) / z)
         dr[pl[n]] = <float>(dr[pl[n]] - scale)
-        total = total + (log(z) + mx - xr[pl[n]])
+        # dlib's safe_log: -log(max(p, 1e-10)), so one sample adds at most ~23.03
+        total = total + min(log(z) + mx - xr[pl[n]], 23.025850929940457)
     return total * scale
 
 
