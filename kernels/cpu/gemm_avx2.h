@@ -248,14 +248,62 @@ static __attribute__((noinline)) void mdnn_pack_b(const mdnn_conv_t* c, long q0,
 #define MDNN_EPI 2
 
 #if MDNN_HAVE_AVX2
+/* One row of the tile into out (the store of the micro-kernel below). */
+static inline __attribute__((always_inline)) void
+mdnn_store_row(float* o, __m256 v0, __m256 v1, int mode, const float* bias,
+               const float* zr, int act, float ap)
+{
+    if (mode & MDNN_ACC) {
+        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(o));
+        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(o + 8));
+    }
+    if (mode & MDNN_EPI) {
+        if (bias) {
+            __m256 bv = _mm256_broadcast_ss(bias);
+            v0 = _mm256_add_ps(v0, bv);
+            v1 = _mm256_add_ps(v1, bv);
+        }
+        if (zr) {
+            v0 = _mm256_add_ps(v0, _mm256_loadu_ps(zr));
+            v1 = _mm256_add_ps(v1, _mm256_loadu_ps(zr + 8));
+        }
+        if (act == MDNN_ACT_RELU) {
+            /* max(0, v): a NaN in v passes through, as in numpy */
+            v0 = _mm256_max_ps(_mm256_setzero_ps(), v0);
+            v1 = _mm256_max_ps(_mm256_setzero_ps(), v1);
+        }
+    }
+    _mm256_storeu_ps(o, v0);
+    _mm256_storeu_ps(o + 8, v1);
+    if ((mode & MDNN_EPI) && act > MDNN_ACT_RELU)
+        mdnn_act_array(act, ap, o, o, MDNN_NR);   /* vectorised: the row is in L1 */
+}
+
+/* The accumulators are named variables, one pair per row, not arrays: with
+ * arrays GCC kept them in memory when lda is not a compile-time constant
+ * (12 stores per k step: the kernel ran at half speed). mr is a constant
+ * at every call (mdnn_kernel's switch), so the rows past it vanish. */
+#define MDNN_KROW(R)                                                            \
+    if (mr > R) {                                                               \
+        __m256 av = _mm256_broadcast_ss(a##R + k);                              \
+        c##R##0 = _mm256_fmadd_ps(av, b0, c##R##0);                             \
+        c##R##1 = _mm256_fmadd_ps(av, b1, c##R##1);                             \
+    }
+#define MDNN_SROW(R)                                                            \
+    if (mr > R)                                                                 \
+        mdnn_store_row(out + R * ldo, c##R##0, c##R##1, mode, bias ? bias + R : NULL, \
+                       zt ? zt + R * ldo : NULL, act, ap);
+
 static inline __attribute__((always_inline)) void
 mdnn_kernel_avx2(int mr, int kc, const float* a, long lda, const float* bp,
                  const int* boff, long b1off, float* out, long ldo, int mode,
                  const float* bias, const float* zt, int act, float ap)
 {
-    __m256 c0[MDNN_MR], c1[MDNN_MR];
-    int r, k;
-    for (r = 0; r < MDNN_MR; r++) { c0[r] = _mm256_setzero_ps(); c1[r] = _mm256_setzero_ps(); }
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;
+    const float *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+    int k;
 #pragma GCC unroll 4
     for (k = 0; k < kc; k++) {
         /* B row k: packed (bp + k*NR), or straight from a padded image
@@ -263,45 +311,12 @@ mdnn_kernel_avx2(int mr, int kc, const float* a, long lda, const float* bp,
         const float* bk = boff ? bp + boff[k] : bp + k * MDNN_NR;
         __m256 b0 = _mm256_loadu_ps(bk);
         __m256 b1 = _mm256_loadu_ps(bk + (boff ? b1off : 8));
-        for (r = 0; r < MDNN_MR; r++) {
-            if (r < mr) {
-                __m256 av = _mm256_broadcast_ss(a + r * lda + k);
-                c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
-                c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
-            }
-        }
+        MDNN_KROW(0) MDNN_KROW(1) MDNN_KROW(2) MDNN_KROW(3) MDNN_KROW(4) MDNN_KROW(5)
     }
-    for (r = 0; r < MDNN_MR; r++) {
-        if (r < mr) {
-            float* o = out + r * ldo;
-            __m256 v0 = c0[r], v1 = c1[r];
-            if (mode & MDNN_ACC) {
-                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(o));
-                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(o + 8));
-            }
-            if (mode & MDNN_EPI) {
-                if (bias) {
-                    __m256 bv = _mm256_broadcast_ss(bias + r);
-                    v0 = _mm256_add_ps(v0, bv);
-                    v1 = _mm256_add_ps(v1, bv);
-                }
-                if (zt) {
-                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(zt + r * ldo));
-                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(zt + r * ldo + 8));
-                }
-                if (act == MDNN_ACT_RELU) {
-                    /* max(0, v): a NaN in v passes through, as in numpy */
-                    v0 = _mm256_max_ps(_mm256_setzero_ps(), v0);
-                    v1 = _mm256_max_ps(_mm256_setzero_ps(), v1);
-                }
-            }
-            _mm256_storeu_ps(o, v0);
-            _mm256_storeu_ps(o + 8, v1);
-            if ((mode & MDNN_EPI) && act > MDNN_ACT_RELU)
-                mdnn_act_array(act, ap, o, o, MDNN_NR);   /* vectorised: the row is in L1 */
-        }
-    }
+    MDNN_SROW(0) MDNN_SROW(1) MDNN_SROW(2) MDNN_SROW(3) MDNN_SROW(4) MDNN_SROW(5)
 }
+#undef MDNN_KROW
+#undef MDNN_SROW
 #endif
 
 /* Portable micro-kernel: same contract. */
