@@ -7,7 +7,11 @@ ONNX Runtime, same thread count, three nets, batch 1 and a large batch.
 Before the nets, a per-shape table times every distinct convolution of the
 three nets (at their large batch, and batch 1) through each of conv2d's two
 paths, forced: "blas" (im2col + OpenBLAS sgemm) and "implicit" (our packed
-GEMM, kernels/cpu/gemm_avx2.h), with the path conv2d picks by itself marked,
+GEMM, kernels/cpu/gemm_avx2.h), and, for the 3x3 stride-1 ones, the Winograd
+route (conv2d_winograd, kernels/cpu/winograd.h, at the m its rule picks, or
+F(4x4) where the rule keeps conv2d: then the column shows why), with its
+speedup over the implicit GEMM (its GFLOP/s are effective: the direct
+convolution's FLOPs over its time) and the route a con_ layer takes marked,
 against OpenBLAS sgemm 2048^3 at the same thread count.
 
 Nets (built with minidnn's dlib-style factories; PyTorch gets the same
@@ -366,8 +370,10 @@ def conv_table(nt, nets, reps):
     cpu_backend.set_num_threads(nt)
     rng = np.random.default_rng(0)
     rows = []
-    print("| net | conv | batch | blas GFLOP/s | implicit GFLOP/s | implicit/blas | auto picks |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    wino = hasattr(cpu_backend, "conv2d_winograd")
+    print("| net | conv | batch | blas GFLOP/s | implicit GFLOP/s | implicit/blas | winograd GFLOP/s "
+          "| winograd/implicit | auto picks |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for net in nets:
         for batch in (NETS[net][2], 1):
             for name, K, R, F, k, s, p in CONV_SHAPES.get(net, []):
@@ -379,6 +385,13 @@ def conv_table(nt, nets, reps):
                 fl = 2.0 * batch * F * Ro * Ro * K * k * k
                 inner = max(1, int(0.05e9 / fl))
                 best = {}
+                wm = cpu_backend.winograd_tile(x, w, s, s, p, p) if wino else 0
+                timed_m = wm or (4 if wino and k == 3 and s == 1 else 0)
+                u = None
+                if timed_m:
+                    from minidnn import ops
+                    u = np.empty(ops.winograd_filters_shape(w.shape, timed_m), np.float32)
+                    cpu_backend.winograd_filters(w, u, timed_m)
                 for _ in range(reps):
                     for path in ("blas", "implicit"):
                         old = _cpu_conv._set_conv_path(path)
@@ -389,13 +402,24 @@ def conv_table(nt, nets, reps):
                         finally:
                             _cpu_conv._set_conv_path(old)
                         best[path] = min(best.get(path, 1e9), t)
+                    if u is not None:
+                        cpu_backend.conv2d_winograd(x, u, b, None, y, p, p, timed_m, True)
+                        t = _timed(lambda: [cpu_backend.conv2d_winograd(x, u, b, None, y, p, p, timed_m, True)
+                                            for _ in range(inner)]) / inner
+                        best["winograd"] = min(best.get("winograd", 1e9), t)
                 auto = _cpu_conv._conv_path_for(x.shape, w.shape, s, s, p, p)
                 g = {path: fl / t / 1e9 for path, t in best.items()}
+                route = f"winograd F({wm}x{wm})" if wm else auto
                 rows.append(dict(net=net, conv=name, batch=batch, x=list(x.shape), w=list(w.shape),
                                  stride=s, pad=p, blas_gflops=g["blas"], implicit_gflops=g["implicit"],
-                                 auto=auto, auto_gflops=g[auto]))
+                                 winograd_m=timed_m or None, winograd_gflops=g.get("winograd"),
+                                 winograd_over_implicit=(g["winograd"] / g["implicit"]
+                                                         if "winograd" in g else None),
+                                 auto=route, auto_gflops=g["winograd" if wm else auto]))
+                wcol = (f"{g['winograd']:.1f} | {g['winograd'] / g['implicit']:.2f}"
+                        + ("" if wm else f" (F({timed_m}x{timed_m}), not taken)")) if "winograd" in g else "- | -"
                 print(f"| {net} | {name} | {batch} | {g['blas']:.1f} | {g['implicit']:.1f} | "
-                      f"{g['implicit'] / g['blas']:.2f} | {auto} |", flush=True)
+                      f"{g['implicit'] / g['blas']:.2f} | {wcol} | {route} |", flush=True)
     return rows
 
 

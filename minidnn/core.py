@@ -15,6 +15,7 @@ skips, disabled layers) cost nothing: their output *is* their input buffer.
 Every layer is a subclass of :class:`Layer`, whose docstring is the contract.
 """
 import collections
+import contextlib
 import threading
 
 import numpy as np
@@ -117,9 +118,12 @@ _layer_classes = []
 
 class _ParamSlot:
     """The attribute of a declared Param: reading gives the array (or None); assigning
-    validates it (Layer.validate_param) and invalidates every compiled program, so the
-    next forward, save and GPU upload see the new array. Writing *into* the array
-    (``layer.filters[...] = w``) needs neither: the CPU forward reads it in place."""
+    validates it (Layer.validate_param), bumps its version (Layer.param_version) and
+    invalidates every compiled program, so the next forward, save and GPU upload see the
+    new array. Writing *into* the array (``layer.filters[...] = w``) needs neither: the
+    CPU forward reads it in place -- except an array that a compiled forward keeps a
+    transform of (Plan.cached: the filters of a convolution that runs as Winograd), which
+    is read-only while the transform is cached; write it with ``layer.writable(name)``."""
 
     __slots__ = ("name", "key")
 
@@ -132,7 +136,8 @@ class _ParamSlot:
         return obj.__dict__.get(self.key)
 
     def __set__(self, obj, value):
-        obj.__dict__[self.key] = obj.validate_param(self.name, value)
+        new = obj.validate_param(self.name, value)
+        obj._param_replaced(self.name, new)
         structure_changed()
 
 
@@ -224,8 +229,66 @@ class Layer:
     # -- parameters ---------------------------------------------------------
     def set_array(self, name, value):
         """Set array attribute ``name`` as the layer's own code does (setup, fuse, readers):
-        no validation and no recompilation (the program being built uses it anyway)."""
-        self.__dict__["_param_" + name] = value
+        no validation and no recompilation (the program being built uses it anyway); its
+        version is bumped."""
+        self._param_replaced(name, value)
+
+    def param_version(self, name):
+        """A counter of the changes to array ``name`` made through the sanctioned paths: it
+        is bumped when the array is replaced (assignment, set_array) and after every
+        ``writable(name)`` block (fuse, the trainer's solver, a checkpoint restore). A
+        parameter derived from the array (Plan.cached) is recomputed when it moves."""
+        return self.__dict__.get("_versions", {}).get(name, 0)
+
+    def _bump(self, name):
+        v = self.__dict__.setdefault("_versions", {})
+        v[name] = v.get(name, 0) + 1
+
+    def _param_replaced(self, name, new):
+        """Store ``new`` as array ``name``: bump the version and let the old array go
+        writable again if a cached transform had made it read-only."""
+        self.__dict__["_param_" + name] = new
+        self._bump(name)
+        locked = self.__dict__.get("_locked", {})
+        if locked.get(name) is not None and locked[name] is not new:
+            _unlock(locked.pop(name))
+
+    def _lock_param(self, name, a):
+        """Make array ``a`` (this layer's ``name``) read-only while a transform of it is
+        cached (Plan.cached); ``writable`` and a replacement undo it."""
+        locked = self.__dict__.setdefault("_locked", {})
+        if a.flags.writeable:
+            a.flags.writeable = False
+            locked[name] = a
+
+    @contextlib.contextmanager
+    def writable(self, name):
+        """The sanctioned way to write *into* parameter array ``name``:
+
+            with layer.writable("filters") as w:
+                w[...] = new_values
+
+        yields the array itself, writeable for the block even when a cached transform
+        (Plan.cached: a convolution that runs as Winograd) keeps it read-only otherwise;
+        on exit its version is bumped, so that the next forward recomputes whatever was
+        derived from it. fuse(), the trainer's solver and a checkpoint restore write
+        through it. (A plain ``layer.filters[...] = w`` works on every array that no
+        compiled forward transforms, and raises ValueError on one that is.)"""
+        a = getattr(self, name)
+        locked = self.__dict__.get("_locked", {})
+        relock = a is not None and locked.get(name) is a
+        depth = self.__dict__.setdefault("_writing", {})
+        if relock:
+            depth[name] = depth.get(name, 0) + 1
+            a.flags.writeable = True
+        try:
+            yield a
+        finally:
+            self._bump(name)
+            if relock:
+                depth[name] -= 1
+                if depth[name] == 0 and self.__dict__.get("_locked", {}).get(name) is a:
+                    a.flags.writeable = False
 
     def param_shape(self, name):
         """The shape array ``name`` must have, with None for a dimension the settings do
@@ -480,7 +543,8 @@ class Node:
         be = ops.backend(device)  # raises a clear RuntimeError if it cannot load
         check_not_running(self, "to")
         for i, n in enumerate(self.chain()):
-            missing = [o for o in n._layer.forward_ops if not hasattr(be, o)]
+            missing = [o for o in n._layer.forward_ops
+                       if not hasattr(be, o) and o not in ops.OPTIONAL]
             if missing:
                 raise NotImplementedError(
                     f"layer<{i}> {n._layer.kind}: the {device} backend has no kernel for "
@@ -633,20 +697,34 @@ class Plan:
         return True
 
     def fuse_residual(self, x, z):
-        """Turn the convolution that produced ``x`` into one that also adds ``z`` in its
-        epilogue (x += z in the same pass), if the backend can, nothing else reads x,
-        and the convolution applies no activation of its own. Returns whether it did;
-        the convolution's node output then holds the sum (as with fuse_activation)."""
-        impl = getattr(self.backend, "conv2d_residual", None)
-        last = self._last_step_makes(x, ("conv2d",)) if impl is not None else None
-        if last is None or last[1]["act"] or z is x:
+        """Make the step that produced ``x`` also add ``z`` in its epilogue (x += z in the
+        same pass, before its activation), if nothing else reads x and the step applies no
+        activation of its own: an op with an optional residual input ``z`` (``z?`` in its
+        signature, conv2d_winograd) gets z set; a conv2d becomes a conv2d_residual, if
+        the backend has it. Returns whether it did; the producing node's output then
+        holds the sum (as with fuse_activation)."""
+        last = self._last_step_makes(x, _RESIDUAL_OPS) if z is not x else None
+        if last is None or last[1]["act"]:
             return False
-        named = last[1]
+        spec, named = last
+        if "z" in spec.optional:
+            if named["z"] is not None:
+                return False
+            named["z"] = z
+            self.steps[-1] = (self.steps[-1][0], spec.call_args(named))
+            return True
+        impl = getattr(self.backend, "conv2d_residual", None)
+        if impl is None:
+            return False
         named["z"] = z
         spec = ops.OPS["conv2d_residual"]
         self.steps[-1] = (impl, spec.call_args(named))
         self.specs[-1] = spec
         return True
+
+    def has(self, op):
+        """Whether the backend implements op ``op`` (for layers that emit an OPTIONAL op)."""
+        return hasattr(self.backend, op)
 
     def alias(self, old, new):
         """Make buffer ``old`` live inside ``new`` (a C-contiguous NumPy array of old's shape,
@@ -716,12 +794,80 @@ class Plan:
         compute(host)
         return self.backend.asarray(host)
 
+    def cached(self, layer, name, key, shape, compute):
+        """A parameter derived from the host array ``layer.<name>`` by ``compute(a, out)``
+        (out: float32 of ``shape``), kept on the layer under ``key`` for every program,
+        input shape and thread that asks for it, and recomputed only when the array
+        changes (a Winograd filter transform: far too slow to redo at every forward).
+
+        On the CPU, while it is kept, the array is read-only, so that an in-place write
+        raises instead of being silently ignored; changes go through the sanctioned
+        paths, which bump the array's version (Layer.param_version): replacing it
+        (``layer.<name> = a``, set_array) or writing through ``layer.writable(name)``
+        (fuse, the trainer, a checkpoint restore). The forward starts with a check (one
+        Python call): when the layer holds another array, its version moved, or the
+        array is writeable again (someone set the flag), the derived array is recomputed
+        in place before the kernels run. On a device it is computed once and uploaded,
+        like every parameter (net.to("cuda") uploads again)."""
+        cache = layer.__dict__.setdefault("_derived", {})
+        entry = cache.get(key)
+        if entry is None or entry.out.shape != tuple(shape):
+            entry = cache[key] = _Derived(np.empty(shape, np.float32))
+        src = getattr(layer, name)
+        if self.device != "cpu":
+            compute(src, entry.out)
+            entry.source = None               # computed for the upload only: not kept fresh
+            return self.backend.asarray(entry.out)
+
+        own, versions, slot = layer.__dict__, layer.__dict__.setdefault("_versions", {}), "_param_" + name
+
+        def refresh():                  # ~0.6 us when fresh
+            a = own.get(slot)
+            if entry.source is a and entry.version == versions.get(name, 0) \
+                    and not a.flags.writeable:
+                return
+            with _build_lock:
+                a = layer.__dict__.get("_param_" + name)
+                version = layer.param_version(name)
+                if entry.source is a and entry.version == version and not a.flags.writeable:
+                    return
+                layer._lock_param(name, a)
+                compute(a, entry.out)
+                entry.source, entry.version = a, version
+        refresh.__name__ = f"refresh_{name}"
+        refresh()
+        self.steps.append((refresh, ()))
+        self.specs.append(None)
+        return entry.out
+
     def fail(self, message):
         raise LayerError(f"layer<{self.index}> {self.layer.kind}: {message}")
 
 
+class _Derived:
+    """A cached derived parameter (Plan.cached): ``out`` was computed from array
+    ``source`` at version ``version`` of the layer's parameter."""
+
+    __slots__ = ("out", "source", "version")
+
+    def __init__(self, out):
+        self.out, self.source, self.version = out, None, None
+
+
+def _unlock(a):
+    """Give an array a cached transform had made read-only its writeable flag back."""
+    try:
+        a.flags.writeable = True
+    except ValueError:          # a view of a read-only array: it was never ours to lock
+        pass
+
+
 # ops whose ``act`` argument is an epilogue a pointwise layer above can take over
 _EPILOGUE_OPS = tuple(name for name, s in ops.OPS.items() if not s.grad and "act" in s.attrs)
+# ops that can take an add_prev's shortcut into their epilogue (Plan.fuse_residual): conv2d
+# (as conv2d_residual) and every op with an optional residual input z
+_RESIDUAL_OPS = ("conv2d",) + tuple(name for name, s in ops.OPS.items()
+                                    if not s.grad and "z" in s.optional and "act" in s.attrs)
 
 
 class Program:

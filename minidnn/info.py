@@ -5,7 +5,7 @@ CPU_KERNEL, OWN_KERNEL = "CPU kernel", "own kernel"
 # appended to a cuDNN path when cuDNN cannot apply the convolution's activation
 # (backends/cuda/routing.py: cuDNN with the identity epilogue, then the own kernel)
 OWN_ACTIVATION = " + own activation kernel"
-_CONV_OPS = ("conv2d", "conv2d_residual")
+_CONV_OPS = ("conv2d", "conv2d_residual", "conv2d_winograd")
 
 
 class BackendInfo(dict):
@@ -102,6 +102,16 @@ def backend_info(net, input_shape=None):
         where.setdefault(id(y), nodes.index(node))
     routed = _use_cudnn(be) if be is not None else False
     for a, name in _conv_steps(prog):
+        if name == "conv2d_winograd":           # 3x3 stride 1 as Winograd F(m x m, 3 x 3) (CPU)
+            x, b, y, act = a["x"], a["b"], a["y"], _as_act(a["act"])
+            info["convolutions"].append(
+                {"layer": where.get(id(y)), "input": tuple(x.shape),
+                 "filters": (y.shape[1], x.shape[1], 3, 3), "stride": (1, 1),
+                 "padding": (a["pad_y"], a["pad_x"]), "relu": act.code == ops.RELU.code,
+                 "act": _act_text(act), "bias": b is not None, "residual": a["z"] is not None,
+                 "path": f"{CPU_KERNEL}, Winograd F({a['m']}x{a['m']},3x3)", "algorithm": None,
+                 "fallback": None})
+            continue
         x, w, b, y = a["x"], a["w"], a["b"], a["y"]
         residual = name == "conv2d_residual"     # also adds its block's shortcut
         act = _as_act(a["act"])

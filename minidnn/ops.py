@@ -306,6 +306,33 @@ _op("conv2d_grouped_grad_params: x dy -> dw db?; stride_y stride_x pad_y pad_x d
     "dw (F,K/groups,nr,nc) = d sum(dy * conv2d_grouped(x, w)) / dw; db (F,) = sum of dy per "
     "filter (skipped when db is None).", grad=True)
 
+# ---- Winograd (CPU) ------------------------------------------------------------------------
+# A 3x3 stride-1 convolution as Winograd F(m x m, 3 x 3), m = 2, 4 or 6
+# (kernels/cpu/winograd.pyx). Only the CPU backend has these ops: they are OPTIONAL (a
+# backend without them runs conv2d, and a net moves to it all the same); con_.build emits
+# conv2d_winograd where the backend has it and winograd_tile says it is faster, with u
+# computed once per change of the filters (core.Plan.cached).
+_op("winograd_tile: x w -> ; stride_y stride_x pad_y pad_x",
+    "The output tile m (2, 4 or 6) at which the backend's conv2d_winograd runs conv2d(x, w) "
+    "(x (N,K,R,C), w (F,K,nr,nc), these strides and pads) fastest, or 0 when conv2d is faster "
+    "or the shape is not 3x3 stride 1 (a rule measured per shape; reads only the shapes; "
+    "returns an int).")
+_op("winograd_filters: w -> u; m",
+    "u (alpha^2, ceil(F/16), K, 16), alpha = m + 2: the transform G w[f,k] G^T of each 3x3 "
+    "filter of w (F,K,3,3), computed in float64, packed in slivers of 16 filters (zero past F).")
+_op("conv2d_winograd: x u b? z? -> y; pad_y pad_x m act",
+    "y (N,F,Ro,Co) = act(conv2d(x, w, stride 1) + b + z) for the 3x3 filters w given as "
+    "u = winograd_filters(w, m); F is y's channel count; b (F,) and z (the shape of y, never "
+    "aliasing it) may be None.")
+OPTIONAL = frozenset({"winograd_tile", "winograd_filters", "conv2d_winograd"})
+
+
+def winograd_filters_shape(w_shape, m):
+    """The shape of winograd_filters' u for filters of shape w_shape (F, K, 3, 3)."""
+    f, k = int(w_shape[0]), int(w_shape[1])
+    return ((m + 2) ** 2, (f + 15) // 16, k, 16)
+
+
 # --------------------------------------------------------------------------- backends
 _by_type = {}       # array type -> backend module
 _by_name = {}       # "cpu" / "cuda" -> backend module

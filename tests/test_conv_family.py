@@ -232,8 +232,9 @@ def test_errors():
 
 # ------------------------------------------------------------------ forward_ops per layer
 def test_forward_ops_follow_the_layer():
-    assert set(dnn.con_.forward_ops) == {"conv2d", "conv2d_residual", "conv2d_grouped"}
-    assert dnn.con_(4, 3, 3).forward_ops == ("conv2d", "conv2d_residual")
+    assert set(dnn.con_.forward_ops) == {"conv2d", "conv2d_residual", "conv2d_grouped",
+                                         "conv2d_winograd"}
+    assert dnn.con_(4, 3, 3).forward_ops == ("conv2d", "conv2d_residual", "conv2d_winograd")
     assert dnn.con_(4, 3, 3, groups=2).forward_ops == ("conv2d_grouped",)
     assert dnn.con_(4, 3, 3, dilation_x=2).forward_ops == ("conv2d_grouped",)
     assert dnn.cont_(4, 3, 3).forward_ops == ("conv2d_transpose",)

@@ -59,14 +59,16 @@ class _Linear(Layer):
         w = getattr(self, self.weight_name)
         if g.shape[0] != w.shape[0]:
             return False
-        w[...] = (w.astype(np.float64) * g.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32)
+        with self.writable(self.weight_name) as w:      # in place, through the sanctioned path
+            w[...] = (w.astype(np.float64) * g.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32)
         b = np.zeros(w.shape[0]) if self.biases is None else self.biases.astype(np.float64)
         new_b = (g * b + h).astype(np.float32)
         if self.biases is None:
             self.set_array("biases", new_b)
             self.bias = True
         else:
-            self.biases[...] = new_b
+            with self.writable("biases") as bw:
+                bw[...] = new_b
         return True
 
     # -- training: the epilogue's activation ----------------------------------
@@ -91,13 +93,14 @@ class _Linear(Layer):
 # ----------------------------------------------------------------------------
 class _ConForwardOps:
     """con_.forward_ops: on the class, every op a con_ may emit (the contract test checks
-    that each exists); on a layer, the ops *that* layer emits: conv2d and conv2d_residual,
-    or conv2d_grouped alone when it is grouped or dilated. Node.to reads the layer's, so
+    that each exists); on a layer, the ops *that* layer emits: conv2d and conv2d_residual
+    (and conv2d_winograd on a backend that has it: ops.OPTIONAL), or conv2d_grouped alone
+    when it is grouped or dilated. Node.to reads the layer's, so
     an ordinary con moves to a device that lacks conv2d_grouped, and a grouped one raises
     NotImplementedError naming the layer."""
 
-    ALL = ("conv2d", "conv2d_residual", "conv2d_grouped")
-    PLAIN = ("conv2d", "conv2d_residual")
+    ALL = ("conv2d", "conv2d_residual", "conv2d_grouped", "conv2d_winograd")
+    PLAIN = ("conv2d", "conv2d_residual", "conv2d_winograd")
     GROUPED = ("conv2d_grouped",)
 
     def __get__(self, obj, cls=None):
@@ -249,6 +252,17 @@ class con_(_Linear):
 
     def build(self, plan, x):
         y = plan.empty(self.out_shape(x.shape))
+        m = 0
+        if not self.grouped and plan.has("conv2d_winograd"):
+            m = ops.winograd_tile(x, self.filters, *self._geometry())
+        if m:
+            # 3x3 stride 1 where Winograd is faster: the filters' transform is computed
+            # once per change of the filters (Plan.cached keeps them read-only meanwhile)
+            u = plan.cached(self, "filters", ("winograd", m), ops.winograd_filters_shape(self.filters.shape, m),
+                            lambda w, out: ops.winograd_filters(w, out, m))
+            plan.step(ops.conv2d_winograd, x, u, plan.param(self.biases), None, y,
+                      self.padding_y, self.padding_x, m, self._act)
+            return y
         op = ops.conv2d_grouped if self.grouped else ops.conv2d
         plan.step(op, x, plan.param(self.filters), plan.param(self.biases), y,
                   *self._geometry(), self._act)

@@ -165,7 +165,7 @@ def load(self, path, state, arrays, saved_net):
             _need(pa is not None and pb is not None and pa.shape == pb.shape, path,
                   f"layer<{i}> {a.kind} {name} has shape {None if pb is None else pb.shape} in the "
                   f"file, {None if pa is None else pa.shape} in the net")
-            pairs.append((pa, pb))
+            pairs.append((a, name, pb))
     bn_updates = state["bn_num_updates"]
     _need(isinstance(bn_updates, dict) and all(_is_int(v, 0, bn_.running_stats_window_size)
                                                for v in bn_updates.values()), path,
@@ -196,8 +196,9 @@ def load(self, path, state, arrays, saved_net):
                       f"the parameter {params[key].shape} (float32)")
         solver_state[key] = st
     # -- everything fits: apply (parameters copied in place: the compiled program keeps them)
-    for pa, pb in pairs:
-        np.copyto(pa, pb)
+    for layer, name, pb in pairs:
+        with layer.writable(name) as pa:
+            np.copyto(pa, pb)
     for i, l in _bn_layers(self.net):
         l.num_updates = int(bn_updates.get(str(i), 0))
     self._learning_rate = float(s["learning_rate"])

@@ -10,8 +10,10 @@
     trainer.train(x, labels)           # x float32 (N, K, R, C), labels int (N,)
 
 Each step runs the tape (train/tape.py: training forward and backward), then
-the solver (train/solvers.py) updates the parameter arrays *in place*, so the
-compiled inference program sees them. Weight decay applies to con_ filters and
+the solver (train/solvers.py) updates the parameter arrays *in place*, through
+``layer.writable(name)`` (which bumps their version, so that a transform a compiled
+inference program keeps of them, Winograd's filters, is recomputed), so the compiled
+inference program sees them. Weight decay applies to con_ filters and
 fc_ weights only (dlib's defaults: biases and batch-norm / affine parameters
 have a weight decay multiplier of 0). The synchronisation file is
 train/sync.py's. GPU training is not supported yet: a net on "cuda" raises
@@ -267,7 +269,8 @@ class dnn_trainer:
         tape.backward(dout)
         lr = self._learning_rate
         for key, layer, name, p, g in tape.parameters():
-            self.solver.update(key, p, g, lr, name in DECAYED)
+            with layer.writable(name):         # in place: bumps the version (core.Plan.cached)
+                self.solver.update(key, p, g, lr, name in DECAYED)
         self._steps += 1
         self._record(loss)
         return loss
