@@ -13,9 +13,12 @@ from .core import (Layer, LayerError, Node, count_parameters, input_tensor_, lay
 from .ops import Act
 from .layers import *  # noqa: F401,F403  (every layer class and factory)
 from .loss import *  # noqa: F401,F403
+from .mmod import *  # noqa: F401,F403  (dlib's loss_mmod, before serialize registers records)
 from .fuse import fuse
 from .info import backend_info
 from .serialize import SerializationError, deserialize, serialize
 from .train import adam, dnn_trainer, sgd
+from .dlib import dlib_type, load_dlib, save_dlib
+from . import dlib_zoo
 
 __version__ = "0.1.0"

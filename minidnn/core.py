@@ -183,9 +183,14 @@ class Layer:
         ``check_record()`` validates the arrays against the settings.
 
     Capabilities, declared as class attributes (never probed):
-    ``is_input`` (the bottom layer: ``to_tensor``; ``takes_images``: it takes uint8 images,
-    which ``check_image`` validates, rather than float tensors), ``is_loss`` (the top layer:
-    ``to_label``, ``check_labels``, ``loss_and_grad``; see loss.py),
+    ``is_input`` (the bottom layer: ``to_tensor``, which returns the tensor or an
+    :class:`InputBatch` (the tensor and what the layer knows about it); ``input_options``: the
+    keyword arguments of ``net(x, ...)`` / ``net.forward(x, ...)`` it takes; ``takes_images``:
+    it takes uint8 images, which ``check_image`` validates, rather than float tensors),
+    ``is_loss`` (the top layer: ``to_label``, ``check_labels``, ``loss_and_grad``; see loss.py;
+    ``label_options``: the keyword arguments of ``net(x, ...)`` it takes; ``takes_input_batch``:
+    ``labels(out, batch, ...)`` also gets the InputBatch, e.g. to map detections back into
+    the user's image),
     ``trainable``, ``routing`` (tag/skip/add_prev-like: never disabled, the
     training tape always runs it), ``pointwise`` (an activation: ``act`` is the
     ops.Act it applies, so fuse() may move it into the epilogue below),
@@ -208,7 +213,10 @@ class Layer:
 
     is_input = False
     takes_images = False
+    input_options = ()
     is_loss = False
+    label_options = ()
+    takes_input_batch = False
     trainable = False
     routing = False
     pointwise = False
@@ -450,6 +458,41 @@ class input_tensor_(Layer):
         return layer
 
 
+# --------------------------------------------------------------------------- inputs
+class InputBatch:
+    """What an input layer's ``to_tensor`` returns when it has more to say than the tensor.
+
+    ``tensor``: the batch the compiled forward runs on. ``annotation``: whatever the layer
+    wants the loss to see (dlib's tensor annotation: the place of each pyramid level in a
+    tiled pyramid, say). ``single``: the user passed one sample rather than a batch, so
+    ``net(x)`` returns that sample's result alone (result[0]). ``layer``: the input layer.
+    ``node``: the node ``net(x)`` was called on (set by Node.__call__). A loss that declares
+    ``takes_input_batch`` receives it in ``labels(out, batch, ...)``.
+    """
+
+    __slots__ = ("tensor", "annotation", "single", "layer", "node")
+
+    def __init__(self, tensor, annotation=None, single=False, layer=None):
+        self.tensor, self.annotation, self.single, self.layer = tensor, annotation, bool(single), layer
+        self.node = None
+
+
+def _split_options(options, takers, where):
+    """Split the keyword arguments of net(x, ...) among ``takers`` ([(layer, names)]);
+    TypeError naming what the network takes for any other."""
+    parts = [dict() for _ in takers]
+    for k, v in options.items():
+        for (_, names), part in zip(takers, parts):
+            if k in names:
+                part[k] = v
+                break
+        else:
+            known = sorted({n for _, names in takers for n in names})
+            raise TypeError(f"{where}: unexpected keyword argument {k!r} (this network takes "
+                            f"{', '.join(known) if known else 'none'})")
+    return parts
+
+
 # --------------------------------------------------------------------------- nodes
 class Node:
     """dlib's add_layer: a layer object on top of a subnetwork.
@@ -500,7 +543,7 @@ class Node:
         if y is None:
             for prog in reversed(_recent_programs()):
                 if self in prog.nodes:
-                    return self.forward(prog.x.copy())
+                    return self._forward_tensor(prog.x.copy())
             return None
         return ops.backend_of(y).to_numpy(y)
 
@@ -586,27 +629,55 @@ class Node:
                 self._device_params = (_revision[0], {})
             return self._device_params[1]
 
-    def _tensor(self, x):
-        return self._bottom._layer.to_tensor(x, self._device, self._depth - 1)
+    def _batch(self, x, options):
+        """The InputBatch the input layer makes of the user's x (``options``: its
+        input_options)."""
+        bottom = self._bottom._layer
+        t = bottom.to_tensor(x, self._device, self._depth - 1, **options)
+        return t if isinstance(t, InputBatch) else InputBatch(t, layer=bottom)
 
-    def forward(self, x):
-        """Run the network up to this node on x (N, K, R, C) float32; return this node's
-        output as a new NumPy array. On a GPU net x may also be a device array."""
-        x = self._tensor(x)
+    def _input_options(self, options, where):
+        bottom = self._bottom._layer
+        return _split_options(options, [(bottom, bottom.input_options)], where)[0]
+
+    def _forward_tensor(self, x):
         prog = self._program(tuple(int(s) for s in x.shape))
         y = prog.run(x)
         return y.copy() if prog.device == "cpu" else prog.backend.to_numpy(y)
 
-    def forward_device(self, x):
+    def forward(self, x, **options):
+        """Run the network up to this node on x (N, K, R, C) float32 (or what the input
+        layer takes: images for dlib's image input layers); return this node's output as a
+        new NumPy array. On a GPU net x may also be a device array. ``options`` are the
+        input layer's (its ``input_options``)."""
+        b = self._batch(x, self._input_options(options, "forward"))
+        return self._forward_tensor(b.tensor)
+
+    def forward_device(self, x, **options):
         """Like forward, but the output stays where the net runs: a GPUArray for a GPU
         net (a NumPy array on the CPU), owned by the net and valid until its next
         forward. Use it to chain networks without a round trip through the host."""
-        x = self._tensor(x)
-        return self._program(tuple(int(s) for s in x.shape)).run(x)
+        t = self._batch(x, self._input_options(options, "forward_device")).tensor
+        return self._program(tuple(int(s) for s in t.shape)).run(t)
 
-    def __call__(self, x):
-        out = self.forward(x)
-        return self._layer.labels(out) if self._layer.is_loss else out
+    def __call__(self, x, **options):
+        """forward(x), or for a loss node what the loss makes of the output (labels,
+        detections, descriptors): for one sample (``InputBatch.single``) its result alone.
+        ``options`` go to the input layer (``input_options``) and the loss (``label_options``)."""
+        top = self._layer
+        if not top.is_loss:
+            return self.forward(x, **options)
+        bottom = self._bottom._layer
+        in_opts, label_opts = _split_options(options, [(bottom, bottom.input_options),
+                                                       (top, top.label_options)], "net(x)")
+        b = self._batch(x, in_opts)
+        b.node = self
+        out = self._forward_tensor(b.tensor)
+        if top.takes_input_batch:
+            res = top.labels(out, b, **label_opts)
+        else:
+            res = top.labels(out, **label_opts)
+        return res[0] if b.single else res
 
     # -- printing ----------------------------------------------------------
     def __str__(self):
@@ -1089,6 +1160,6 @@ def count_parameters(net):
     return int(sum(n._layer.num_parameters() for n in net.chain()))
 
 
-__all__ = ["Act", "IDENTITY", "Field", "Layer", "LayerError", "Node", "Param", "Plan", "Program",
+__all__ = ["Act", "IDENTITY", "Field", "InputBatch", "Layer", "LayerError", "Node", "Param", "Plan", "Program",
            "ShapeError", "count_parameters", "input_tensor_", "layer", "layer_classes",
            "structure_changed", "visit_layers", "visit_layers_backwards"]

@@ -332,6 +332,19 @@ def winograd_filters_shape(w_shape, m):
     f, k = int(w_shape[0]), int(w_shape[1])
     return ((m + 2) ** 2, (f + 15) // 16, k, 16)
 
+# ---- images (dlib input layers)
+_op("tiled_pyramid: x -> ; rects",
+    "In place on x (N,K,R,C) whose rectangle rects[0] (left, top, right, bottom, inclusive) "
+    "holds level 0 of a tiled image pyramid: each rects[i], i >= 1, of every plane becomes "
+    "dlib's bilinear resize of rects[i-1] (create_tiled_pyramid, bit for bit; the input layers "
+    "call it on the host before the forward).")
+_op("resize_image_u8: img -> out",
+    "out = dlib's bilinear resize_image of img, for the uint8 images (H,W,3) RGB or (H,W) "
+    "grayscale the image input layers take (dlib's pyramid_up; bit for bit; host-side).")
+# host-side like the Winograd ops are CPU-only: a device backend need not have them
+OPTIONAL = OPTIONAL | {"tiled_pyramid", "resize_image_u8"}
+
+
 
 # --------------------------------------------------------------------------- backends
 _by_type = {}       # array type -> backend module

@@ -24,6 +24,7 @@ from .pool import *  # noqa: F401,F403
 from .routing import *  # noqa: F401,F403
 from .softmax import *  # noqa: F401,F403
 from .tensor import *  # noqa: F401,F403
+from .input import *  # noqa: F401,F403  (dlib's image input layers; binds .input too)
 
 
 def input_tensor():
@@ -33,4 +34,4 @@ def input_tensor():
 
 __all__ = (["CONV", "FC", "set_seed", "input_tensor", "input_tensor_"] + activations.__all__
            + linear.__all__ + norm.__all__ + pool.__all__ + routing.__all__ + _softmax.__all__
-           + tensor.__all__)
+           + tensor.__all__ + input.__all__)
