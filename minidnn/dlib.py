@@ -1234,9 +1234,9 @@ def _check_channels(net, entries):
                 parts = [tags.get(t) for t in layer.ids]
                 ch = None if any(p is None for p in parts) else sum(parts)
             elif name in ("add_prev_", "mult_prev_"):
+                # dlib's add_prev_/mult_prev_ take the larger of each dimension (zero padded)
                 t = tags.get(layer.id)
-                if ch is not None and t is not None and t != ch and name == "add_prev_":
-                    raise _Mismatch(f"it adds tag{layer.id}'s {t} channels to {ch}")
+                ch = None if ch is None or t is None else max(ch, t)
             elif name in ("extract_", "reorg_") or layer.is_loss:
                 ch = None if not layer.is_loss else ch
         except _Mismatch as err:
