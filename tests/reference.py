@@ -274,7 +274,9 @@ def _skip(l, y, env):
 
 @layer_ref(dnn.add_prev_)
 def _add_prev(l, y, env):
-    return y + env.tags[l.id]
+    t = env.tags[l.id]                   # dlib's tt::add: a missing channel counts as 0
+    shape = tuple(max(a, b) for a, b in zip(y.shape, t.shape))
+    return _zero_padded(y, shape) + _zero_padded(t, shape)
 
 
 # ---------------------------------------------------------------------------- losses

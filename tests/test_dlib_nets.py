@@ -295,3 +295,29 @@ def test_mismatches_name_the_layer_the_record_and_the_offset():
            if getattr(layer, p) is not None]
     assert len(now) == len(arrays) and all(a is b and np.array_equal(a, c)
                                            for b, (a, c) in zip(now, arrays))
+
+
+# ---------------------------------------------------------------------------- add_prev padding
+@pytest.mark.parametrize("more", ["tag", "input", "both"])
+def test_add_prev_zero_pads_channels_as_dlib(more, device):
+    """dlib's add_prev_ adds a tensor with fewer channels as if the missing ones were 0 (the
+    downsampling shortcut of dlib's face descriptor ResNet): forward, fused, reloaded and
+    gradients, against the float64 reference."""
+    import harness
+    dnn.set_seed(3)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    if more == "tag":        # the tag has 5 channels, the input 3
+        net = dnn.fc(2, dnn.relu(dnn.add_prev2(dnn.avg_pool(1, 1, 1, 1, dnn.skip1(dnn.tag2(
+            dnn.con(5, 3, 3, 1, 1, dnn.tag1(dnn.input_tensor()))))))))
+    elif more == "both":     # as dlib's ResNet: the tag has more channels, the input more rows
+        x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+        net = dnn.fc(2, dnn.relu(dnn.add_prev2(dnn.avg_pool(2, 2, 2, 2, dnn.skip1(dnn.tag2(
+            dnn.con(5, 3, 3, 2, 2, dnn.tag1(dnn.input_tensor()))))))))
+    else:                    # the input has 5 channels, the tag 3
+        net = dnn.fc(2, dnn.relu(dnn.add_prev1(dnn.bn_con(dnn.con(5, 3, 3, 1, 1, dnn.tag1(
+            dnn.input_tensor()))))))
+    net.forward(x)
+    harness.randomize(net)
+    assert harness.check_gradients(net, x) >= 2
+    harness.check_forward(net, x, device)

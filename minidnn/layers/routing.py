@@ -98,39 +98,62 @@ class skip_(_numbered):
 
 class add_prev_(_numbered):
     """WHAT THIS OBJECT REPRESENTS: output = input + the output of the nearest tagN
-    below; both must have the same shape (N, K, R, C)."""
+    below. As dlib's add_prev_ (tt::add), the two may differ in shape: the output takes the
+    larger of each dimension, an element one of them lacks counting as 0 (the shortcut of a
+    downsampling ResNet block, as in dlib's face descriptor). Equal shapes are the fast
+    path; different ones run on the CPU only."""
 
     prefix = "add_prev"
     record = "add_prev_1"
     forward_ops = ("add",)
 
-    def _check(self, t, x):
-        if tuple(t.shape) != tuple(x.shape):
-            raise ShapeError(f"expected the input and tag{self.id}'s output to have the same shape, "
-                             f"got {tuple(x.shape)} and {tuple(t.shape)}")
+    def _shape(self, t, x):
+        return tuple(max(a, b) for a, b in zip(x.shape, t.shape))
 
     def build(self, plan, x):
         t = self.tagged(plan)
-        self._check(t, x)
-        if plan.fuse_residual(x, t):     # the convolution below adds t in its epilogue
-            return x
-        y = plan.empty(x.shape)
-        plan.step(ops.add, x, t, y, IDENTITY)
+        if tuple(t.shape) == tuple(x.shape):
+            if plan.fuse_residual(x, t):     # the convolution below adds t in its epilogue
+                return x
+            y = plan.empty(x.shape)
+            plan.step(ops.add, x, t, y, IDENTITY)
+            return y
+        if plan.device != "cpu":
+            raise ShapeError(f"the input {tuple(x.shape)} and tag{self.id}'s output {tuple(t.shape)} "
+                             f"differ in shape: dlib's zero-padded add runs on the CPU only for now")
+        y = plan.empty(self._shape(t, x))
+        plan.steps.append((_padded_add, (x, t, y)))
+        plan.specs.append(None)
         return y
 
     # -- training ---------------------------------------------------------
     def forward_train(self, ctx, x):
         ctx.ref = self.tagged(ctx.tape)
         t = ctx.ref.y
-        self._check(t, x)
-        y = np.empty(x.shape, np.float32)
-        ops.add(x, t, y, IDENTITY)
+        y = np.empty(self._shape(t, x), np.float32)
+        if tuple(t.shape) == tuple(x.shape):
+            ops.add(x, t, y, IDENTITY)
+        else:
+            _padded_add(x, t, y)
         return y
 
     def backward(self, ctx, dy):
-        """dy goes both to the input below and to the tag."""
-        ctx.ref.add_extra(dy)
-        return dy
+        """dy goes both to the input below and to the tag (each its own part of it)."""
+        t, x = ctx.ref.y, ctx.x
+
+        def part(a):
+            if tuple(a.shape) == tuple(dy.shape):
+                return dy
+            return np.ascontiguousarray(dy[:a.shape[0], :a.shape[1], :a.shape[2], :a.shape[3]])
+        ctx.ref.add_extra(part(t))
+        return part(x)
+
+
+def _padded_add(a, b, y):
+    """y = a + b, each zero padded to y's shape (dlib's tt::add of tensors of other sizes)."""
+    y[...] = 0
+    y[:a.shape[0], :a.shape[1], :a.shape[2], :a.shape[3]] += a
+    y[:b.shape[0], :b.shape[1], :b.shape[2], :b.shape[3]] += b
 
 
 def make_family(cls, prefix, n=10):
