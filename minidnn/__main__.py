@@ -1,4 +1,4 @@
-"""Command line: python -m minidnn {demo, info, fuse, bench, run}."""
+"""Command line: python -m minidnn {demo, info, fuse, convert, bench, run}."""
 import argparse
 import os
 import sys
@@ -152,9 +152,48 @@ def _param_summary(layer):
     return ", ".join(parts)
 
 
+def _is_minidnn_file(path):
+    """Whether ``path`` starts with minidnn's magic (else it is taken for a dlib file)."""
+    from minidnn.serialize import MAGIC
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+def cmd_info_dlib(args):
+    """A dlib file's layers as dlib numbers them, each with its record and byte offset."""
+    from minidnn import dlib as D
+    from minidnn import dlib_zoo
+    from minidnn.serialize import SerializationError
+    try:
+        entries, end, size = D.inspect_dlib(args.file)
+        name = dlib_zoo.identify(args.file)
+    except (SerializationError, OSError) as e:
+        return _fail("info", args.file, e)
+    rest = f"; bytes {end}..{size} follow it (not read)" if end < size else ""
+    print(f"{args.file}: dlib network file (dlib's serialize(net)), {size} bytes, {len(entries)} "
+          f"layers; the network ends at byte {end}{rest}")
+    if name:
+        print(f"recognised as minidnn.dlib_zoo.{name} (python -m minidnn convert {args.file} "
+              f"OUT.dnn; python -m minidnn run {args.file} ...)")
+    kinds = [e.rec.kind if e.rec is not None else "tag|skip" for e in entries]
+    w = max(len(k) for k in kinds)
+    tw = max(len(e.tag) for e in entries)
+    for i, (e, k) in enumerate(zip(entries, kinds)):
+        rep = f"  (repeat {e.repeat[0]}, block {e.repeat[1]} of {e.repeat[2]})" if e.repeat else ""
+        text = (f"layer<{i}>".ljust(11) + k.ljust(w + 2) + f"[{e.tag}]".ljust(tw + 4) +
+                f"@{e.record_offset}".ljust(11) + D.describe_entry(e) + rep)
+        print(text.rstrip())
+    return 0
+
+
 def cmd_info(args):
     import minidnn as dnn
     from minidnn.serialize import SerializationError, load_with_info
+    try:
+        if not _is_minidnn_file(args.file):
+            return cmd_info_dlib(args)
+    except OSError as e:
+        return _fail("info", args.file, e)
     try:
         net, version, tags = load_with_info(args.file)
     except (SerializationError, OSError) as e:
@@ -247,11 +286,42 @@ def cmd_bench(args):
     return 0
 
 
-def load_model(path):
-    """A network from a file: minidnn's own format (dlib's .dat files once load_dlib
-    knows them; see minidnn.dlib_zoo)."""
+def load_model(path, zoo=None):
+    """A network from a file: minidnn's own format, or one of dlib's published models
+    (minidnn.dlib_zoo: recognised from the file's records, or named by ``zoo``)."""
     import minidnn as dnn
-    return dnn.deserialize(path)
+    from minidnn import dlib_zoo
+    if zoo is None and _is_minidnn_file(path):
+        return dnn.deserialize(path)
+    return dlib_zoo.load(path, zoo)
+
+
+def cmd_convert(args):
+    """A dlib model -> minidnn's format (or, for a .dat output, a minidnn file -> dlib's)."""
+    import minidnn as dnn
+    try:
+        if _is_minidnn_file(args.input):
+            net = dnn.deserialize(args.input)
+        else:
+            net = load_model(args.input, args.zoo)
+    except (dnn.SerializationError, OSError, ValueError, NotImplementedError) as e:
+        return _fail("convert", args.input, e)
+    to_dlib = args.to == "dlib" or (args.to is None and args.output.lower().endswith(".dat"))
+    try:
+        if to_dlib:
+            dnn.save_dlib(net, args.output)
+        else:
+            dnn.serialize(net, args.output)
+    except (dnn.SerializationError, OSError) as e:
+        return _fail("convert", args.output, e)
+    print(f"converted {args.input} -> {args.output} ({'dlib' if to_dlib else 'minidnn'} format, "
+          f"{len(net)} layers)")
+    return 0
+
+
+def dnn_serialize(net):
+    import minidnn as dnn
+    return dnn.serialize(net)
 
 
 def cmd_run(args):
@@ -259,9 +329,12 @@ def cmd_run(args):
     from minidnn import run as runmod
     from minidnn.backends import cpu
     try:
-        with open(args.model, "rb") as f:
-            model_bytes = f.read()
-        net = load_model(args.model)
+        net = load_model(args.model, args.zoo)
+        if args.zoo is None and _is_minidnn_file(args.model):
+            with open(args.model, "rb") as f:
+                model_bytes = f.read()
+        else:                            # a dlib model: the Ray workers get minidnn's format
+            model_bytes = dnn_serialize(net)
     except Exception as e:
         return _fail("run", args.model, e)
     paths = runmod.expand_inputs(args.inputs)
@@ -305,13 +378,24 @@ def main(argv=None):
                                                          "the shuffling")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(fn=cmd_demo)
-    i = sub.add_parser("info", help="print a saved network: layers, parameters, format and record versions")
+    i = sub.add_parser("info", help="print a saved network: layers, parameters, format and record "
+                                    "versions (a dlib file: its records and their byte offsets)")
     i.add_argument("file")
     i.set_defaults(fn=cmd_info)
     f = sub.add_parser("fuse", help="load a saved network, fuse it (dnn.fuse), save the result")
     f.add_argument("input")
     f.add_argument("output")
     f.set_defaults(fn=cmd_fuse)
+    c = sub.add_parser("convert", help="convert one of dlib's published models to minidnn's format "
+                                       "(or, to a .dat output, a minidnn file to dlib's)")
+    c.add_argument("input", help="a dlib model file (.dat, .dat.bz2) or a minidnn file")
+    c.add_argument("output")
+    c.add_argument("--zoo", default=None, metavar="NAME",
+                   help="which minidnn.dlib_zoo model the dlib file is (default: recognised from "
+                        "its records)")
+    c.add_argument("--to", choices=("minidnn", "dlib"), default=None,
+                   help="the output format (default: dlib for a .dat output, else minidnn)")
+    c.set_defaults(fn=cmd_convert)
     b = sub.add_parser("bench", help="median latency of a saved network (or the demo's), "
                                      "unfused vs fused")
     b.add_argument("file", nargs="?", help="a saved network (default: the demo's 1x8x8 CNN)")
@@ -324,7 +408,11 @@ def main(argv=None):
     b.set_defaults(fn=cmd_bench)
     r = sub.add_parser("run", help="run a network over images or .npy arrays: one JSON line per "
                                    "input, resumable, optionally on a Ray cluster")
-    r.add_argument("model", help="a saved network")
+    r.add_argument("model", help="a saved network (minidnn's format, or one of dlib's published "
+                                 "model files: see --zoo)")
+    r.add_argument("--zoo", default=None, metavar="NAME",
+                   help="for a dlib file: which minidnn.dlib_zoo model it is (default: recognised "
+                        "from its records)")
     r.add_argument("inputs", nargs="+", help="image or .npy files, folders, glob patterns, or "
                                              ".txt lists of paths")
     r.add_argument("--out", required=True, help="the JSON-lines file (appended to; inputs already "

@@ -860,6 +860,7 @@ def _make_layer(e, tmpl, i):
         ex.update({n: f[n] for n in ("learning_rate_multiplier", "weight_decay_multiplier",
                                      "bias_learning_rate_multiplier", "bias_weight_decay_multiplier",
                                      "bias_mode")})
+        ex["use_bias"] = bool(f.get("use_bias", True))
         if f["bias_mode"] == 0 and not has_bias:         # fc_3 with use_bias = false
             ex["bias_row"] = rec["params"].array().reshape(-1, no)[-1].copy() \
                 if rec["params"].size == (f["num_inputs"] + 1) * no else None
@@ -1097,6 +1098,8 @@ def _make_loss(e, tmpl):
     if tmpl is not None and not isinstance(tmpl, cls):
         raise _Mismatch(f"the file has {k} here")
     layer = tmpl if tmpl is not None else cls()
+    if rec.tag == "loss_mean_squared_per_channel_and_pixel_" or k == "loss_mean_squared_per_pixel":
+        dlib_extras(layer)["tag"] = rec.tag
     if k == "loss_metric":
         layer.margin = float(f.get("margin", np.float32(0.1)))
         layer.distance_threshold = float(f.get("dist_thresh", np.float32(0.75)))
@@ -1482,7 +1485,8 @@ class _Writer:
             o.alias((1, no, 1, 1) if layer.biases is not None else (0, 0, 0, 0))
             o.sint(mode)
             _write_mults(o, layer, (1, 1, 1, 0))
-            o.boolean(layer.biases is not None)
+            # fc_3's use_bias: dlib's default (true) for fc_no_bias, else whether it has one
+            o.boolean(ex.get("use_bias", True) if mode == 1 else layer.biases is not None)
             return
         if name == "bn_":
             if layer.gamma is None:
@@ -1711,9 +1715,13 @@ class _Writer:
             o.string(name)
             return
         if name == "loss_mean_squared_per_pixel_":
-            k = self.shapes[1][1] if self.shapes[1] else 1
-            o.string("loss_mean_squared_per_pixel_" if k == 1 else
-                     "loss_mean_squared_per_channel_and_pixel_")
+            # dlib has two losses: one channel, or any (per_channel_and_pixel)
+            k = self.shapes[1][1] if self.shapes[1] else _channels_below(self.nodes, 1)
+            tag = _extras.get(layer, {}).get("tag")
+            if tag is None:
+                tag = ("loss_mean_squared_per_pixel_" if k == 1 else
+                       "loss_mean_squared_per_channel_and_pixel_")
+            o.string(tag)
             return
         raise SerializationError(f"layer<0> {layer.kind}: dlib has no loss for minidnn's {name}")
 
@@ -1786,6 +1794,19 @@ class _Writer:
             else:
                 _empty_tensor(o)
         return o.getvalue()
+
+
+def _channels_below(nodes, i):
+    """The channels node i outputs, from the layers' settings (None when they do not say)."""
+    for n in nodes[i:]:
+        layer = n.layer_details()
+        for attr in ("num_filters", "num_outputs"):
+            v = getattr(layer, attr, None)
+            if v is not None:
+                return v
+        if not (layer.pointwise or layer.affine_like or layer.disabled or _is_tag(layer)):
+            return None
+    return None
 
 
 def _shapes(net):
@@ -1878,7 +1899,9 @@ def _cpp(layer, sub, tagnames):
     if name == "extract_":
         return f"extract<{layer.offset},{layer.k},{layer.nr},{layer.nc},{sub}>"
     if name == "reorg_":
-        return f"reorg<{layer.row_stride},{layer.col_stride},{sub}>"
+        if (layer.row_stride, layer.col_stride) == (2, 2):
+            return f"reorg<{sub}>"
+        return f"add_layer<reorg_<{layer.row_stride},{layer.col_stride}>, {sub}>"
     if name in ("multiply_", "dropout_", "l2normalize_", "softmax_", "softmax_all_", "relu_",
                 "prelu_", "leaky_relu_", "sig_", "mish_", "htan_", "clipped_relu_", "elu_",
                 "gelu_", "smelu_", "silu_"):

@@ -130,29 +130,67 @@ def synthetic_cases(seed=0):
     dnn.fuse(net)
     cases.append(Case("fused", net, img, 0.0))
 
-    # 6. the catalogue's tensor and routing layers, where this minidnn has them
-    if has("concat", "multiply", "dropout", "l2normalize"):
-        x = dnn.tag1(dnn.relu(dnn.con(4, 3, 3, 1, 1, dnn.input_rgb_image())))
-        x = dnn.tag2(dnn.con(3, 3, 3, 1, 1, x))
-        x = dnn.concat(dnn.tag1, dnn.tag2, x)
-        x = dnn.multiply(x, val=0.75)
-        net = dnn.loss_metric(dnn.l2normalize(dnn.fc(6, dnn.avg_pool_everything(x))))
-        img = _image(rng, 10, 11)
-        net.forward(img)
-        cases.append(Case("catalogue", _randomize(net, 6), img, 0.0))
+    # 6. the catalogue's tensor and routing layers
+    x = dnn.tag1(dnn.relu(dnn.con(4, 3, 3, 1, 1, dnn.input_rgb_image())))
+    x = dnn.tag2(dnn.con(3, 3, 3, 1, 1, x))
+    x = dnn.concat(dnn.tag1, dnn.tag2, x)                              # 7 channels
+    x = dnn.multiply(x, val=0.75)
+    x = dnn.tag3(dnn.cont(5, 4, 4, 2, 2, x))                           # 5 x 20 x 22
+    x = dnn.scale3(dnn.sig(dnn.con(5, 1, 1, 1, 1, dnn.avg_pool_everything(x))))
+    x = dnn.mult_prev3(dnn.htan(dnn.con(6, 3, 3, 2, 2, x)))            # zero padded: 6 x 20 x 22
+    x = dnn.tag4(dnn.upsample(2, dnn.max_pool(2, 2, 2, 2, x)))
+    x = dnn.resize_prev_to_tagged4(dnn.con(6, 3, 3, 2, 2, x))
+    x = dnn.softmax(dnn.resize_to(9, 12, x))
+    x = dnn.reorg(3, 2, dnn.cont(4, 3, 3, 1, 1, x, bias=False))        # 24 x 3 x 6
+    x = dnn.tag6(dnn.extract(5, 4, 3, 5, x))                           # 4 x 3 x 5
+    x = dnn.tag5(dnn.sig(dnn.con(4, 1, 1, 1, 1, dnn.avg_pool_everything(x))))
+    x = dnn.scale_prev5(dnn.skip6(x))
+    x = dnn.softmax_all(dnn.l2normalize(dnn.fc(6, x), eps=1e-4))
+    net = dnn.loss_metric(dnn.fc(5, x))
+    img = _image(rng, 10, 11)
+    net.forward(img)
+    cases.append(Case("catalogue", _randomize(net, 6), img, 0.0))
+
+    # 7. dropout (random at inference in dlib, an identity in minidnn: not run in dlib) and
+    # the catalogue's losses
+    for i, (loss, k) in enumerate((("loss_binary_log", 1), ("loss_binary_hinge", 1),
+                                   ("loss_multibinary_log", 3), ("loss_multiclass_log_weighted", 3),
+                                   ("loss_mean_squared", 1), ("loss_mean_squared_multioutput", 3))):
+        x = dnn.dropout(dnn.relu(dnn.con(3, 3, 3, 1, 1, dnn.input_tensor())), drop_rate=0.25)
+        net = getattr(dnn, loss)(dnn.fc(k, x))
+        t = rng.standard_normal((1, 2, 5, 5)).astype(np.float32)
+        net.forward(t)
+        cases.append(Case(f"loss{i}_{loss}", _randomize(net, 7 + i), t, 0.0))
+    for i, loss in enumerate(("loss_multiclass_log_per_pixel", "loss_binary_log_per_pixel",
+                              "loss_mean_squared_per_pixel")):
+        k = 1 if loss == "loss_binary_log_per_pixel" else 3
+        net = getattr(dnn, loss)(dnn.con(k, 3, 3, 1, 1, dnn.input_tensor()))
+        t = rng.standard_normal((1, 2, 5, 5)).astype(np.float32)
+        net.forward(t)
+        cases.append(Case(f"pixel{i}_{loss}", _randomize(net, 20 + i), t, 0.0))
     return cases
 
 
 def cpp_cases(models):
     """The synthetic cases, plus dlib's own models re-saved (when the files are there)."""
     from minidnn import dlib_zoo
-    cases = synthetic_cases()
+    cases = [c for c in synthetic_cases() if not c.name.startswith("loss")]   # dropout_: random in dlib
     if models is not None:
         p = os.path.join(models, "mmod_human_face_detector.dat")
         if os.path.exists(p):
             img = np.load(os.path.join(models, "reference", "cpp_face_mmod_dlibmodels.npz"))["img0/image"]
             cases.append(Case("face_detector", dlib_zoo.face_detector(p), img, -0.5))
             cases.append(Case("face_detector_fused", dnn.fuse(dlib_zoo.face_detector(p)), img, -0.5))
+        for f, load, ref in (("dlib_face_recognition_resnet_model_v1.dat", dlib_zoo.face_descriptor,
+                              "cpp_resnet.npz"),
+                             ("face_recognition_densenet_model_v1.dat",
+                              dlib_zoo.densenet_face_descriptor, "cpp_densenet.npz"),
+                             ("dnn_gender_classifier_v1.dat", dlib_zoo.gender_classifier,
+                              "cpp_gender.npz")):
+            p = os.path.join(models, f)
+            if os.path.exists(p):
+                imgs = np.load(os.path.join(models, "reference", ref))["images"]
+                cases.append(Case(f, load(p), imgs[0], 0.0))
     return cases
 
 
