@@ -1875,8 +1875,9 @@ def _cpp(layer, sub, tagnames):
         if (layer.padding_y, layer.padding_x) != (dpy, dpx):
             return f"add_layer<{name}<{args},{layer.padding_y},{layer.padding_x}>, {sub}>"
         return f"{base}<{args},{sub}>"
-    if name in ("tag_", "skip_", "add_prev_", "mult_prev_", "resize_prev_to_tagged_", "scale_",
-                "scale_prev_"):
+    if name == "resize_prev_to_tagged_":           # dlib has no resize_prev_to_taggedN aliases
+        return f"resize_prev_to_tagged<{tagnames(layer.id)},{sub}>"
+    if name in ("tag_", "skip_", "add_prev_", "mult_prev_", "scale_", "scale_prev_"):
         base = name[:-1]
         if layer.id <= 10:
             return f"{base}{layer.id}<{sub}>"
@@ -1927,9 +1928,18 @@ def _cpp_input(layer):
     raise SerializationError(f"{layer.kind}: dlib has no input layer for minidnn's {name}")
 
 
-def _cpp_loss(layer, sub):
+def _cpp_loss(layer, sub, nodes):
     name = type(layer).__name__
     if name == "loss_mean_squared_per_pixel_":
+        # dlib's is for one channel; loss_mean_squared_per_channel_and_pixel<K> for K
+        k = nodes[1]._last_output()
+        k = int(k.shape[1]) if k is not None else _channels_below(nodes, 1)
+        tag = _extras.get(layer, {}).get("tag")
+        if tag == "loss_mean_squared_per_channel_and_pixel_" or (tag is None and k not in (None, 1)):
+            if k is None:
+                raise SerializationError(f"{layer.kind}: the number of channels is unknown: run a "
+                                         f"forward before dlib_type")
+            return f"loss_mean_squared_per_channel_and_pixel<{k},{sub}>"
         return f"loss_mean_squared_per_pixel<{sub}>"
     return f"{name[:-1]}<{sub}>"
 
@@ -1945,7 +1955,7 @@ def dlib_type(net, name="net_type"):
     decl = _cpp_input(nodes[-1].layer_details())
     for n in reversed(nodes[:-1]):
         layer = n.layer_details()
-        decl = _cpp_loss(layer, decl) if layer.is_loss else _cpp(layer, decl, tagnames)
+        decl = _cpp_loss(layer, decl, nodes) if layer.is_loss else _cpp(layer, decl, tagnames)
     return f"using {name} = {decl};"
 
 
