@@ -18,7 +18,6 @@ import numpy as np
 
 from .core import Layer, Node, ShapeError
 from .loss import Loss
-from .layers.input import rect_from_drect
 
 
 # ---------------------------------------------------------------------------- options
@@ -151,6 +150,42 @@ class mmod_rect:
         return f"mmod_rect(rect={self.rect}, confidence={self.confidence:.6g}, label={self.label!r})"
 
 
+def _lround(a):
+    """C's lround of each element (halves away from zero), as int64."""
+    a = np.asarray(a, np.float64)
+    return np.where(a >= 0, np.floor(a + 0.5), -np.floor(-a + 0.5)).astype(np.int64)
+
+
+def _nms_arrays(box, test):
+    """Greedy NMS of integer boxes (n, 4) sorted best first: the indices kept. The first
+    unsuppressed box is kept and every later one it overlaps is suppressed (the same as
+    dlib's keep-unless-it-overlaps-a-kept-one, the test being symmetric)."""
+    n = box.shape[0]
+    b = box.astype(np.float64)
+    area = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+    area[(b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])] = 0
+    alive = np.ones(n, bool)
+    keep = []
+    i = 0
+    while i < n:
+        keep.append(i)
+        rest = np.flatnonzero(alive[i + 1:]) + i + 1
+        if rest.size:
+            iw = np.minimum(b[rest, 2], b[i, 2]) - np.maximum(b[rest, 0], b[i, 0]) + 1
+            ih = np.minimum(b[rest, 3], b[i, 3]) - np.maximum(b[rest, 1], b[i, 1]) + 1
+            inner = np.where((iw > 0) & (ih > 0), iw * ih, 0.0)
+            ow = np.maximum(b[rest, 2], b[i, 2]) - np.minimum(b[rest, 0], b[i, 0]) + 1
+            oh = np.maximum(b[rest, 3], b[i, 3]) - np.minimum(b[rest, 1], b[i, 1]) + 1
+            with np.errstate(divide="ignore", invalid="ignore"):
+                over = (inner / (ow * oh) > test.iou_thresh) | \
+                    (inner / area[rest] > test.percent_covered_thresh) | \
+                    (inner / area[i] > test.percent_covered_thresh)
+            alive[rest[(inner > 0) & over]] = False
+        nxt = np.flatnonzero(alive[i + 1:])
+        i = int(nxt[0]) + i + 1 if nxt.size else n
+    return keep
+
+
 def _map_output_to_input(node, p):
     """dlib's output_tensor_to_input_tensor: point p of ``node``'s output -> its input tensor,
     through every layer below (con/pool: p * stride - padding + size // 2; upsample:
@@ -237,51 +272,49 @@ class loss_mmod_(Loss):
         return self.labels(out)
 
     def _detect(self, o, thresh, node, inp, batch):
+        """dlib's tensor_to_dets and NMS for one sample's output o (K, R, C), vectorised:
+        every candidate gets the same arithmetic as dlib gives it, element by element."""
         opts = self.options
         wins = opts.detector_windows
         nwin = len(wins)
-        _, R, C = o.shape
-        below = node.subnet() if node is not None else None
-        cache = {}
-        dets = []                                   # (score, scan order, rect, drect_bbr, k)
         scores = o[:nwin]
         ks, rs, cs = np.nonzero(scores > thresh)    # in dlib's scan order: k, r, c
-        for k, r, c in zip(ks.tolist(), rs.tolist(), cs.tolist()):
-            score = float(scores[k, r, c])
-            if (r, c) not in cache:
-                cache[(r, c)] = _map_output_to_input(below, (c, r)) if below is not None else (c, r)
-            px, py = cache[(r, c)]
-            w, h = wins[k].width - 1, wins[k].height - 1
-            drect = (px - w / 2, py - h / 2, px + w / 2, py + h / 2)
-            if inp is not None:
-                drect = inp.tensor_space_to_image_space(batch, drect)
-            bbr = tuple(float(v) for v in rect_from_drect(drect))   # rect_bbr = the rounded rect
-            if opts.use_bounding_box_regression:
-                # dlib: w = rect.width() - 1 of the unrounded drectangle, translate_rect by
-                # (dx w, dy h), then centered_drect(rect, w e^dw + 1, h e^dh + 1)
-                off = nwin + k * 4
-                dx, dy, dw, dh = (float(o[off + j, r, c]) for j in range(4))
-                dw, dh = math.exp(dw), math.exp(dh)
-                rw = (drect[2] - drect[0] + 1) - 1
-                rh = (drect[3] - drect[1] + 1) - 1
-                moved = (drect[0] + dx * rw, drect[1] + dy * rh, drect[2] + dx * rw,
-                         drect[3] + dy * rh)
-                cx, cy = (moved[0] + moved[2]) / 2.0, (moved[1] + moved[3]) / 2.0
-                nw, nh = (rw * dw + 1) - 1, (rh * dh + 1) - 1
-                bbr = (cx - nw / 2, cy - nh / 2, cx + nw / 2, cy + nh / 2)
-            dets.append((score, len(dets), bbr, k))
-        dets.sort(key=lambda d: (-d[0], d[1]))
-        final = []
-        for score, _, bbr, k in dets:
-            r = rect_from_drect(bbr)
-            if any(opts.overlaps_nms(f[0], r) for f in final):
-                continue
-            final.append((r, score, wins[k].label))
+        if ks.size == 0:
+            return []
+        score = scores[ks, rs, cs].astype(np.float64)
+        below = node.subnet() if node is not None else None
+        px, py = cs.astype(np.float64), rs.astype(np.float64)
+        if below is not None:
+            px, py = _map_output_to_input(below, (px, py))
+        w = np.array([d.width - 1 for d in wins], np.float64)[ks]
+        h = np.array([d.height - 1 for d in wins], np.float64)[ks]
+        drect = np.stack([px - w / 2, py - h / 2, px + w / 2, py + h / 2], axis=1)
+        if inp is not None:
+            drect = inp.tensor_space_to_image_space_many(batch, drect)
+        rect = _lround(drect)                       # intermediate_detection's rectangle
+        bbr = rect.astype(np.float64)               # rect_bbr = the rounded rect
+        if opts.use_bounding_box_regression:
+            # dlib: w = rect.width() - 1 of the unrounded drectangle, translate_rect by
+            # (dx w, dy h), then centered_drect(rect, w e^dw + 1, h e^dh + 1)
+            off = nwin + ks * 4
+            dx, dy, dw, dh = (o[off + j, rs, cs].astype(np.float64) for j in range(4))
+            dw, dh = np.exp(dw), np.exp(dh)
+            rw = (drect[:, 2] - drect[:, 0] + 1) - 1
+            rh = (drect[:, 3] - drect[:, 1] + 1) - 1
+            ml, mt = drect[:, 0] + dx * rw, drect[:, 1] + dy * rh
+            mr, mb = drect[:, 2] + dx * rw, drect[:, 3] + dy * rh
+            cx, cy = (ml + mr) / 2.0, (mt + mb) / 2.0
+            nw, nh = (rw * dw + 1) - 1, (rh * dh + 1) - 1
+            bbr = np.stack([cx - nw / 2, cy - nh / 2, cx + nw / 2, cy + nh / 2], axis=1)
+        order = np.lexsort((np.arange(score.size), -score))     # best first, then scan order
+        boxes = _lround(bbr[order])
+        keep = _nms_arrays(boxes, opts.overlaps_nms)
         out = []
-        for r, score, label in final:
+        for i in keep:
+            r = tuple(int(v) for v in boxes[i])
             if inp is not None:
                 r = inp.image_space_to_user(batch, r)
-            out.append(mmod_rect(r, score, label))
+            out.append(mmod_rect(r, float(score[order[i]]), wins[int(ks[order[i]])].label))
         return out
 
     # -- training -------------------------------------------------------------

@@ -710,3 +710,145 @@ def _scale_prev(l, y, env):
 @layer_ref(dnn.concat_)
 def _concat(l, y, env):
     return np.concatenate([np.asarray(env.tags[i], np.float64) for i in l.ids], axis=1)
+
+
+# ---- dlib input layers and losses
+# dlib's image arithmetic is float32 SIMD code, not float64 math: these references reproduce
+# dlib's source (dlib/image_transforms/interpolation.h, resize_image's optimised overloads;
+# dlib/dnn/loss.h, loss_mmod_::to_label) in plain NumPy, so the kernels can be held to it bit
+# for bit.
+def _dlib_lanes(snc, dnc):
+    """dlib's SIMD column loop: for the columns done four at a time, (left, right, lr_frac,
+    1 - lr_frac) with the source positions accumulated in float32 lanes; the first column of
+    the scalar tail; and x_scale."""
+    xs = (snc - 1) / float(max(dnc - 1, 1))
+    x = -4 * xs
+    lanes = np.array([x, x + xs, x + 2 * xs, x + 3 * xs]).astype(np.float32)
+    d = np.float32(4 * xs)
+    cols = []
+    c = 0
+    while True:
+        lanes = (lanes + d).astype(np.float32)
+        left = lanes.astype(np.int32)                        # truncation, as _mm_cvttps_epi32
+        if left[3] + 1 >= snc or c + 3 >= dnc:
+            break
+        frac = (lanes - left.astype(np.float32)).astype(np.float32)
+        cols.extend(zip(left.tolist(), (left + 1).tolist(), frac.tolist(),
+                        (np.float32(1) - frac).astype(np.float32).tolist()))
+        c += 4
+    return cols, c, xs
+
+
+def dlib_resize(src, dnr, dnc):
+    """dlib's resize_image(src, dst) (bilinear) into a dnr x dnc image: float32 planes (the
+    tiled pyramid's tt::resize_bilinear), uint8 grayscale (H, W) or uint8 RGB (H, W, 3)."""
+    snr, snc = src.shape[:2]
+    rgb = src.ndim == 3
+    kind = "float" if src.dtype == np.float32 else ("rgb" if rgb else "gray")
+    cols, c0, xs = _dlib_lanes(snc, dnc)
+    out = np.empty((dnr, dnc) + src.shape[2:], src.dtype)
+    ys = (snr - 1) / float(max(dnr - 1, 1))
+    y = -ys
+    f32 = np.float32
+    for r in range(dnr):
+        y += ys
+        top = int(math.floor(y))
+        bottom = min(top + 1, snr - 1)
+        tb = y - top
+        ftb, fitb = f32(tb), f32(1 - tb)
+        for k in range(3 if rgb else 1):
+            st = src[top, :, k] if rgb else src[top]
+            sb = src[bottom, :, k] if rgb else src[bottom]
+            row = out[r, :, k] if rgb else out[r]
+            for c, (lo, hi, fr, ifr) in enumerate(cols):
+                fr, ifr = f32(fr), f32(ifr)
+                v = f32(fitb * ifr) * f32(st[lo])
+                v = f32(v + f32(fitb * fr) * f32(st[hi]))
+                v = f32(v + f32(ftb * ifr) * f32(sb[lo]))
+                v = f32(v + f32(ftb * fr) * f32(sb[hi]))
+                if kind == "float":
+                    row[c] = v
+                elif kind == "rgb":
+                    row[c] = int(v)
+                else:
+                    row[c] = int(float(v) + 0.5)
+            x = -xs + c0 * xs
+            for c in range(c0, dnc):
+                x += xs
+                lo = int(math.floor(x))
+                hi = min(lo + 1, snc - 1)
+                if kind == "rgb":
+                    fr = x - lo
+                    v = (1 - tb) * ((1 - fr) * float(st[lo]) + fr * float(st[hi])) + \
+                        tb * ((1 - fr) * float(sb[lo]) + fr * float(sb[hi]))
+                    row[c] = int(v)
+                else:
+                    fr = f32(x - lo)
+                    a = f32(f32(f32(1) - fr) * f32(st[lo]) + f32(fr * f32(st[hi])))
+                    b = f32(f32(f32(1) - fr) * f32(sb[lo]) + f32(fr * f32(sb[hi])))
+                    v = f32((1 - tb) * float(a) + tb * float(b))
+                    row[c] = v if kind == "float" else min(255, max(0, int(v)))
+    return out
+
+
+def dlib_tiled_pyramid(planes, rects):
+    """dlib's create_tiled_pyramid inside a tensor: each rects[i], i >= 1, of every plane of
+    ``planes`` (a float32 (N, K, R, C) copy, level 0 already at rects[0]) from rects[i-1]."""
+    out = planes.copy()
+    for n in range(out.shape[0]):
+        for k in range(out.shape[1]):
+            for (l0, t0, r0, b0), (l1, t1, r1, b1) in zip(rects, rects[1:]):
+                out[n, k, t1:b1 + 1, l1:r1 + 1] = dlib_resize(
+                    np.ascontiguousarray(out[n, k, t0:b0 + 1, l0:r0 + 1]), b1 - t1 + 1, r1 - l1 + 1)
+    return out
+
+
+def mmod_detections(out, windows, iou, covered, adjust, to_input, to_image, bbr=False):
+    """dlib's loss_mmod_::to_label for one sample's output (K, R, C): windows [(w, h, label)],
+    overlaps_nms (iou, covered), to_input(c, r) -> (x, y) in the input tensor, to_image(drect)
+    -> drect in the image. Returns [(rect, score, label)], best first."""
+    def lround(v):
+        return int(math.floor(v + 0.5)) if v >= 0 else -int(math.floor(-v + 0.5))
+
+    def area(a):
+        return 0 if a[0] > a[2] or a[1] > a[3] else (a[2] - a[0] + 1) * (a[3] - a[1] + 1)
+
+    def overlaps(a, b):
+        inner = area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
+        if inner == 0:
+            return False
+        outer = area((min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])))
+        return inner / outer > iou or inner / area(a) > covered or inner / area(b) > covered
+
+    nw = len(windows)
+    dets = []
+    for k in range(nw):
+        for r in range(out.shape[1]):
+            for c in range(out.shape[2]):
+                s = float(out[k, r, c])
+                if not s > adjust:
+                    continue
+                x, y = to_input(c, r)
+                w, h = windows[k][0] - 1, windows[k][1] - 1
+                d = to_image((x - w / 2, y - h / 2, x + w / 2, y + h / 2))
+                box = tuple(float(lround(v)) for v in d)
+                if bbr:
+                    dx, dy, dw, dh = (float(out[nw + 4 * k + j, r, c]) for j in range(4))
+                    bw, bh = d[2] - d[0], d[3] - d[1]
+                    m = (d[0] + dx * bw, d[1] + dy * bh, d[2] + dx * bw, d[3] + dy * bh)
+                    cx, cy = (m[0] + m[2]) / 2, (m[1] + m[3]) / 2
+                    nw2, nh2 = bw * math.exp(dw) + 1 - 1, bh * math.exp(dh) + 1 - 1
+                    box = (cx - nw2 / 2, cy - nh2 / 2, cx + nw2 / 2, cy + nh2 / 2)
+                dets.append((s, tuple(lround(v) for v in box), windows[k][2]))
+    dets.sort(key=lambda d: -d[0])
+    kept = []
+    for s, rect, label in dets:
+        if not any(overlaps(k[0], rect) for k in kept):
+            kept.append((rect, s, label))
+    return kept
+
+
+@loss_ref(dnn.loss_mmod_)
+def _loss_mmod(l, out, target):
+    raise NotImplementedError("loss_mmod_ trains in dlib only: minidnn runs dlib's detectors at "
+                              "inference (their reference is mmod_detections)")

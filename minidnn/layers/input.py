@@ -180,6 +180,35 @@ def nearest_rect(rects, p):
     return idx
 
 
+def tiled_pyramid_to_image_many(n, rects, boxes):
+    """tiled_pyramid_to_image of each drectangle row of boxes (m, 4), element for element
+    the same arithmetic: the level of the nearest rect to each box's centre (the first that
+    contains it: distance 0), the box moved to that level's origin and rect_up'ed."""
+    boxes = np.asarray(boxes, np.float64)
+    R = np.array(rects, np.float64)                         # (L, 4)
+    cx = np.floor((boxes[:, 0] + boxes[:, 2]) / 2.0 + 0.5)
+    cy = np.floor((boxes[:, 1] + boxes[:, 3]) / 2.0 + 0.5)
+    nx = np.minimum(np.maximum(cx[:, None], R[None, :, 0]), R[None, :, 2])
+    ny = np.minimum(np.maximum(cy[:, None], R[None, :, 1]), R[None, :, 3])
+    level = np.argmin(np.sqrt((nx - cx[:, None]) ** 2 + (ny - cy[:, None]) ** 2), axis=1)
+    out = boxes - np.stack([R[level, 0], R[level, 1], R[level, 0], R[level, 1]], axis=1)
+    for lvl in range(1, int(level.max(initial=0)) + 1):
+        m = level >= lvl
+        x, y = out[m][:, [0, 2]], out[m][:, [1, 3]]
+        if n == 1:
+            x, y = np.zeros_like(x), np.zeros_like(y)
+        elif n == 2:
+            x, y = (x + 1.25) * 2, (y + 0.75) * 2
+        elif n == 3:
+            x, y = x * 1.5 + 1.5, y * 1.5 + 1.5
+        else:
+            ratio = n / (n - 1.0)
+            x, y = x * ratio + 0.3, y * ratio + 0.3
+        out[np.flatnonzero(m)[:, None], [[0, 2]]] = x
+        out[np.flatnonzero(m)[:, None], [[1, 3]]] = y
+    return out
+
+
 def tiled_pyramid_to_image(n, rects, r):
     """dlib's tiled_pyramid_to_image<pyramid_down<n>>(rects, drectangle r)."""
     cx, cy = (r[0] + r[2]) / 2.0, (r[1] + r[3]) / 2.0
@@ -264,6 +293,10 @@ class _image_input(Layer):
     def _images(self, x, where):
         """(list of images, whether x was a single image)."""
         if isinstance(x, np.ndarray):
+            if self.channels == 1 and x.ndim == 3 and x.shape[2] == 3:
+                raise self._bad(where, f"expected grayscale images, (H, W), a list of them or a "
+                                       f"batch (N, H, W); got shape {x.shape}, an RGB image? "
+                                       f"(convert it to grayscale, or pass a list)")
             batch_rank = 4 if self.channels == 3 else 3
             if x.ndim == batch_rank and not (self.channels == 1 and x.ndim == 3 and x.shape[2] == 1):
                 if x.shape[0] < 1:
@@ -319,6 +352,10 @@ class _image_input(Layer):
     # -- mapping rectangles back (identity for the plain layers) ------------
     def tensor_space_to_image_space(self, batch, r):
         return r
+
+    def tensor_space_to_image_space_many(self, batch, boxes):
+        """tensor_space_to_image_space of each row of boxes (m, 4)."""
+        return boxes
 
     def image_space_to_user(self, batch, r):
         return r
@@ -432,6 +469,9 @@ class _pyramid_input(_image_input):
         """A drectangle in the tiled pyramid -> the (possibly upsampled) image: dlib's
         input_layer(net).tensor_space_to_image_space."""
         return tiled_pyramid_to_image(self.pyramid_down, batch.annotation["rects"], r)
+
+    def tensor_space_to_image_space_many(self, batch, boxes):
+        return tiled_pyramid_to_image_many(self.pyramid_down, batch.annotation["rects"], boxes)
 
     def image_space_to_user(self, batch, r):
         """A rectangle of the image the net saw -> the user's image: rect_down(r, upsample)
