@@ -15,13 +15,13 @@ dlib's order; the columns after the last full group of four use dlib's scalar ta
 with floating-point contraction off: an FMA would round differently from dlib's
 separate multiplies and adds.
 
-The kernel validates its arguments before touching memory (check.pxi), allocates
-nothing and runs with the GIL released; OpenMP takes the rows of each level when
-the level is large enough to pay for a parallel region.
+The kernels validate their arguments before touching memory (check.pxi), allocate
+only a row table and run with the GIL released; parallel.h's parallel-for takes the
+rows (of each level) when there are enough pixels to pay for it.
 """
 include "check.pxi"
+include "parallel.pxi"
 
-from cython.parallel cimport prange
 from libc.stdlib cimport malloc, free
 
 # destination pixels per thread below which a level stays on one thread
@@ -214,25 +214,54 @@ def tiled_pyramid(x, rects):
         free(ys)
 
 
+cdef struct LevelArgs:
+    float* base
+    isize plane, C
+    long sl, stp, snr, snc, dl, dtp, dnr, dnc
+    const double* ys
+
+
+cdef void _level_row(void* ctx, long task, int tid) noexcept nogil:
+    cdef LevelArgs* a = <LevelArgs*>ctx
+    cdef long p = task // a.dnr
+    cdef long row = task - p * a.dnr
+    mdnn_dlib_resize_row(a.base + p * a.plane + a.stp * a.C + a.sl, a.snr, a.snc, a.C,
+                         a.base + p * a.plane + (a.dtp + row) * a.C + a.dl, a.dnc, a.ys[row])
+
+
 cdef int _levels(float* base, list rs, isize plane, isize planes, isize C, double* ys) except -1:
-    cdef isize i, task, tasks, p, row
-    cdef long sl, stp, snr, snc, dl, dtp, dnr, dnc
+    cdef isize i, task, tasks
     cdef int nt
+    cdef LevelArgs a
+    a.base, a.plane, a.C, a.ys = base, plane, C, ys
     for i in range(1, len(rs)):
-        sl, stp = rs[i - 1][0], rs[i - 1][1]
-        snc, snr = rs[i - 1][2] - sl + 1, rs[i - 1][3] - stp + 1
-        dl, dtp = rs[i][0], rs[i][1]
-        dnc, dnr = rs[i][2] - dl + 1, rs[i][3] - dtp + 1
-        tasks = planes * dnr
-        nt = _threads_for(tasks * dnc, GRAIN)
+        a.sl, a.stp = rs[i - 1][0], rs[i - 1][1]
+        a.snc, a.snr = rs[i - 1][2] - a.sl + 1, rs[i - 1][3] - a.stp + 1
+        a.dl, a.dtp = rs[i][0], rs[i][1]
+        a.dnc, a.dnr = rs[i][2] - a.dl + 1, rs[i][3] - a.dtp + 1
+        tasks = planes * a.dnr
+        nt = _threads_for(tasks * a.dnc, GRAIN)
         with nogil:
-            mdnn_dlib_resize_rows(snr, dnr, ys)
-            for task in prange(tasks, num_threads=nt, schedule="static"):
-                p = task // dnr
-                row = task - p * dnr
-                mdnn_dlib_resize_row(base + p * plane + stp * C + sl, snr, snc, C,
-                                     base + p * plane + (dtp + row) * C + dl, dnc, ys[row])
+            mdnn_dlib_resize_rows(a.snr, a.dnr, ys)
+            if nt == 1:
+                for task in range(tasks):
+                    _level_row(&a, task, 0)
+            else:
+                mdnn_parallel_for(tasks, nt, _level_row, &a)
     return 0
+
+
+cdef struct U8Args:
+    const unsigned char* src
+    unsigned char* dst
+    long snr, snc, dnc
+    int ch
+    const double* ys
+
+
+cdef void _u8_row(void* ctx, long r, int tid) noexcept nogil:
+    cdef U8Args* u = <U8Args*>ctx
+    mdnn_dlib_resize_u8_row(u.src, u.snr, u.snc, u.ch, u.dst + r * u.dnc * u.ch, u.dnc, u.ys[r])
 
 
 def resize_image_u8(img, out):
@@ -267,10 +296,15 @@ def resize_image_u8(img, out):
         raise MemoryError("resize_image_u8: no memory for the row table")
     cdef long r
     cdef int nt = _threads_for(dnr * dnc * ch, GRAIN)
+    cdef U8Args u
+    u.src, u.dst, u.snr, u.snc, u.ch, u.dnc, u.ys = ps, pd, snr, snc, ch, dnc, ys
     try:
         with nogil:
             mdnn_dlib_resize_rows(snr, dnr, ys)
-            for r in prange(dnr, num_threads=nt, schedule="static"):
-                mdnn_dlib_resize_u8_row(ps, snr, snc, ch, pd + r * dnc * ch, dnc, ys[r])
+            if nt == 1:
+                for r in range(dnr):
+                    _u8_row(&u, r, 0)
+            else:
+                mdnn_parallel_for(dnr, nt, _u8_row, &u)
     finally:
         free(ys)
