@@ -667,7 +667,7 @@ class _Mismatch(Exception):
 
 
 def _where(i, layer, e):
-    kind = layer.kind if layer is not None else "?"
+    kind = layer.kind if layer is not None else (e.rec.kind if e.rec is not None else "tag|skip")
     return f"layer<{i}> {kind}: record {e.tag!r} at byte offset {e.record_offset}"
 
 
