@@ -94,7 +94,8 @@ def test_face_detector_takes_lists_and_batches():
     net = dlib_zoo.face_detector(p)
     one = net(img)
     many = net([img, img[:, ::-1].copy()])
-    assert len(many) == 2 and [d.to_dict() for d in many[0]] == [d.to_dict() for d in one]
+    assert len(many) == 2 and [d.rect for d in many[0]] == [d.rect for d in one]
+    assert np.allclose([d.confidence for d in many[0]], [d.confidence for d in one], atol=1e-5)
     assert len(net(np.stack([img, img]))) == 2
     gray = img.mean(axis=2).astype(np.uint8)
     assert isinstance(net(gray), list)
