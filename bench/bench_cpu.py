@@ -97,6 +97,22 @@ def _worker(conn, engine, name, batch, nt, window):
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
+QUIET_LIMIT = 0.10      # a window is quiet when other processes used less of the CPUs than this
+
+
+def _spin():
+    while True:
+        pass
+
+
+def _spinner():
+    """Another process keeping one core busy (a daemon: it dies with the benchmark)."""
+    import multiprocessing as mp
+    p = mp.get_context("spawn").Process(target=_spin, daemon=True)
+    p.start()
+    return p
+
+
 class Engine:
     def __init__(self, engine, name, batch, nt, window):
         import multiprocessing as mp
@@ -122,7 +138,7 @@ class Engine:
         ms, wall, own = msg
         foreign = 0.0 if b0 is None else max(0.0, ((_busy_ticks() - b0) - own) / _HZ / (wall * os.cpu_count()))
         self.all.append((foreign, ms))
-        if foreign < 0.10:
+        if foreign < QUIET_LIMIT:
             self.kept.append(ms)
 
     def result(self):
@@ -151,14 +167,48 @@ def run_interleaved(engines, want, max_rounds):
 
 # -------------------------------------------------------------------- nets
 
-# The reference nets: minidnn.nets (shared with the tests).
-from minidnn.nets import NETS  # noqa: E402
+# The reference nets: minidnn.nets (shared with the tests), each at batch 1 and a large
+# batch (32 for the two ResNets: the batch the issue's targets name), and dlib's published
+# models where their files are (MINIDNN_DLIB_MODELS or ../shared/dlib-models): the
+# convolutional trunk between the input layer and the loss, on the tensor the input layer
+# makes (the face detector's tiled pyramid of the 512x512 reference image; the face
+# descriptor's 150x150 chip), so that every engine runs the same tensor program.
+from minidnn import nets as _nets  # noqa: E402
+
+NETS = {name: (shape, (1, {"cifar_resnet": 32, "resnet18": 32}.get(name, big)))
+        for name, (_, shape, big) in _nets.NETS.items()}
+DLIB_MODELS = os.environ.get("MINIDNN_DLIB_MODELS") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "dlib-models")
+DLIB_NETS = {   # name: (zoo loader, file, input (K, R, C), batches)
+    "dlib_face_detector": ("face_detector", "mmod_human_face_detector.dat", (3, 1895, 534), (1,)),
+    "dlib_face_descriptor": ("face_descriptor", "dlib_face_recognition_resnet_model_v1.dat",
+                             (3, 150, 150), (1, 16)),
+}
+for _name, (_, _file, _shape, _batches) in DLIB_NETS.items():
+    if os.path.exists(os.path.join(DLIB_MODELS, _file)):
+        NETS[_name] = (_shape, _batches)
+
+
+def dlib_trunk(name):
+    """A dlib model's layers between its input layer and its loss, over an input_tensor."""
+    from minidnn import dlib_zoo
+    from minidnn.core import Node
+    loader, file, _, _ = DLIB_NETS[name]
+    chain = getattr(dlib_zoo, loader)(os.path.join(DLIB_MODELS, file)).chain()
+    net = dnn.input_tensor()
+    for node in reversed(chain[1:-1]):
+        net = Node(node.layer_details(), net)
+    return net
 
 
 def build(name, batch):
-    """A minidnn net with its parameters and random batch-norm statistics and biases."""
-    from minidnn import nets
-    return nets.build(name, batch)
+    """A minidnn net with its parameters (random batch-norm statistics and biases for the
+    reference nets; dlib's own for its models), after one forward at ``batch``."""
+    if name in DLIB_NETS:
+        net = dlib_trunk(name)
+        net.forward(_input(name, batch))
+        return net
+    return _nets.build(name, batch)
 
 
 def flops(net):
@@ -200,6 +250,27 @@ def torch_twin(net):
         b.running_var.data = torch.from_numpy(l.running_var.copy())
         return b
 
+    class Affine(nn.Module):
+        """dlib's affine_ (a batch norm folded into per-channel gamma and beta)."""
+
+        def __init__(self, gamma, beta):
+            super().__init__()
+            self.register_buffer("g", torch.from_numpy(gamma.reshape(1, -1, 1, 1).copy()))
+            self.register_buffer("b", torch.from_numpy(beta.reshape(1, -1, 1, 1).copy()))
+
+        def forward(self, x):
+            return x * self.g + self.b
+
+    def padded_add(a, b):
+        """dlib's add_prev_: operands of different shapes are zero padded to the larger."""
+        if a.shape == b.shape:
+            return a + b
+        def pad(t):
+            return nn.functional.pad(t, [0, max(a.shape[3], b.shape[3]) - t.shape[3],
+                                         0, max(a.shape[2], b.shape[2]) - t.shape[2],
+                                         0, max(a.shape[1], b.shape[1]) - t.shape[1]])
+        return pad(a) + pad(b)
+
     class Twin(nn.Module):
         """Replays minidnn's chain bottom-up: tags store, skips recall, add_prev adds."""
 
@@ -228,6 +299,11 @@ def torch_twin(net):
                     m = nn.MaxPool2d((l.nr, l.nc), (l.stride_y, l.stride_x), (l.padding_y, l.padding_x))
                 elif kind == "avg_pool_" and l.nr == 0:
                     m = nn.AdaptiveAvgPool2d(1)
+                elif kind == "avg_pool_":
+                    m = nn.AvgPool2d((l.nr, l.nc), (l.stride_y, l.stride_x), (l.padding_y, l.padding_x),
+                                     count_include_pad=False)
+                elif kind == "affine_":
+                    m = Affine(l.gamma, l.beta)
                 elif kind in ("tag_", "skip_", "add_prev_"):
                     self.steps.append((kind, l.id))
                     continue
@@ -253,7 +329,7 @@ def torch_twin(net):
                 elif kind == "skip_":
                     x = tags[i]
                 else:
-                    x = x + tags[i]
+                    x = padded_add(x, tags[i])
             return x
 
     return Twin().eval()
@@ -297,7 +373,7 @@ def versions():
 
 
 def _input(name, batch):
-    return np.random.default_rng(2).standard_normal((batch,) + NETS[name][1]).astype(np.float32)
+    return np.random.default_rng(2).standard_normal((batch,) + NETS[name][0]).astype(np.float32)
 
 
 def _engine(engine, name, batch, nt):
@@ -375,7 +451,7 @@ def conv_table(nt, nets, reps):
           "| winograd/implicit | auto picks |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for net in nets:
-        for batch in (NETS[net][2], 1):
+        for batch in sorted(NETS[net][1], reverse=True):
             for name, K, R, F, k, s, p in CONV_SHAPES.get(net, []):
                 x = rng.standard_normal((batch, K, R, R)).astype(np.float32)
                 w = (rng.standard_normal((F, K, k, k)) * 0.1).astype(np.float32)
@@ -433,8 +509,15 @@ def main():
     ap.add_argument("--convs-only", action="store_true", help="only the per-shape conv table")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                    "results", "cpu.json"))
+    ap.add_argument("--busy", type=int, default=0, metavar="P",
+                    help="keep P other processes spinning meanwhile (the 'one core busy' comparison): "
+                         "every window is kept, none is quiet")
     args = ap.parse_args()
     nt = args.threads
+    spinners = [_spinner() for _ in range(args.busy)]
+    global QUIET_LIMIT
+    if args.busy:
+        QUIET_LIMIT = 2.0          # the foreign load is the point: keep every window
     want, rounds = (3, 6) if args.quick else (5, 12)
 
     engines = ["minidnn", "minidnn fused"]
@@ -463,7 +546,7 @@ def main():
     print("| net | batch | engine | ms | GFLOP/s | vs best peer | quiet windows |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
     for name in args.nets.split(","):
-        for batch in (1, NETS[name][2]):
+        for batch in NETS[name][1]:
             net = build(name, batch)
             ref = net.forward(_input(name, batch))
             gflop = flops(net) / 1e9
@@ -494,8 +577,10 @@ def main():
                       f"{'-' if ratio is None else f'{ratio:.2f}'} | {quiet}{' (noisy)' if noisy else ''} |",
                       flush=True)
 
+    for p in spinners:
+        p.kill()
     env = {k: os.environ.get(k) for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-    out = dict(machine=machine(), versions=versions(), threads=nt, openmp_env=env,
+    out = dict(machine=machine(), versions=versions(), threads=nt, openmp_env=env, busy_processes=args.busy,
                date=time.strftime("%Y-%m-%d %H:%M:%S"),
                method=("each engine in its own process; median ms per forward over interleaved windows "
                        "in which other processes used < 10% CPU; vs_best_peer = best peer ms / engine ms; "
@@ -504,7 +589,77 @@ def main():
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
-    print(f"wrote {args.out}")
+    base = os.path.splitext(args.out)[0]
+    with open(base + ".md", "w") as f:
+        f.write(markdown(out))
+    wrote = [args.out, base + ".md"]
+    if chart(out, base + ".png"):
+        wrote.append(base + ".png")
+    print("wrote " + ", ".join(wrote))
+
+
+def markdown(out):
+    """The run as a Markdown page: machine, versions, the conv table, the net table."""
+    m, v = out["machine"], out["versions"]
+    lines = [f"# bench_cpu.py: {out['date']}", "",
+             f"{m.get('Model name', '?')}, {m['cpus']} CPUs, {out['threads']} threads per engine"
+             + (f", {out['busy_processes']} other process(es) spinning meanwhile"
+                if out.get("busy_processes") else "") + ".",
+             "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if k != "blas" and val) + ".",
+             "Method: " + out["method"] + ".", ""]
+    if out.get("sgemm_2048_gflops"):
+        lines += [f"OpenBLAS sgemm 2048^3: {out['sgemm_2048_gflops']:.1f} GFLOP/s.", ""]
+    if out["convs"]:
+        lines += ["| net | conv | batch | blas GFLOP/s | implicit GFLOP/s | winograd GFLOP/s | route |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+        for r in out["convs"]:
+            wg = f"{r['winograd_gflops']:.1f}" if r.get("winograd_gflops") else "-"
+            lines.append(f"| {r['net']} | {r['conv']} | {r['batch']} | {r['blas_gflops']:.1f} | "
+                         f"{r['implicit_gflops']:.1f} | {wg} | {r['auto']} |")
+        lines.append("")
+    lines += ["| net | batch | engine | ms | GFLOP/s | vs best peer | quiet windows |",
+              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for r in out["results"]:
+        ratio = "-" if r["vs_best_peer"] is None else f"{r['vs_best_peer']:.2f}"
+        lines.append(f"| {r['net']} | {r['batch']} | {r['engine']} | {r['ms']:.3f} | {r['gflops']:.1f} | "
+                     f"{ratio} | {r['quiet_windows']}{' (noisy)' if r['noisy'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(out, path):
+    """The 'vs best peer' ratios of minidnn (fused and not) per net and batch as a bar chart
+    (matplotlib, from the bench extra); False when matplotlib is missing or no peer ran."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not importable: no chart (pip install '.[bench]')")
+        return False
+    rows = [r for r in out["results"] if r["engine"].startswith("minidnn") and r["vs_best_peer"]]
+    if not rows:
+        return False
+    cases = list(dict.fromkeys((r["net"], r["batch"]) for r in rows))
+    engines = ["minidnn", "minidnn fused"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cases)), 4))
+    width = 0.38
+    for j, e in enumerate(engines):
+        vals = [next((r["vs_best_peer"] for r in rows if (r["net"], r["batch"]) == c and r["engine"] == e),
+                     0.0) for c in cases]
+        bars = ax.bar([i + (j - 0.5) * width for i in range(len(cases))], vals, width, label=e)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels([f"{n}\nbatch {b}" for n, b in cases], fontsize=7)
+    ax.set_ylabel("best peer's ms / minidnn's ms")
+    busy = f", {out['busy_processes']} core(s) busy" if out.get("busy_processes") else ""
+    ax.set_title(f"minidnn vs the best of PyTorch eager and ONNX Runtime ({out['threads']} threads{busy})",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def onnx_session(torch, ort, model, tx, nt):
@@ -512,6 +667,8 @@ def onnx_session(torch, ort, model, tx, nt):
     import tempfile
     import warnings
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", module="torch")
     path = os.path.join(tempfile.mkdtemp(), "m.onnx")
     try:
         try:
