@@ -30,11 +30,17 @@ def _args():
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "dlib.json"))
     p.add_argument("--only", default=None, help="comma-separated case names")
+    p.add_argument("--gpu", action="store_true",
+                   help="the GPU column instead (bench/results/dlib_gpu.json): each model fused on "
+                        "'cuda' with graph replay, latency at batch 1 and images per second at a "
+                        "large batch, beside the fused CPU net of the same machine")
     return p.parse_args()
 
 
 def main():
     args = _args()
+    if args.gpu:
+        return gpu_main(args)
     n = str(args.threads)
     # every thread pool of both libraries: OpenMP (minidnn), OpenBLAS (dlib's wheel, scipy),
     # dlib's own thread pool (std::thread::hardware_concurrency: this machine's cores)
@@ -146,6 +152,79 @@ def main():
     with open(md, "w") as f:
         f.write(_table(info))
     print(f"\nwrote {args.out} and {md}")
+
+
+def gpu_main(args):
+    """dlib's models on the GPU: latency (batch 1) and throughput (a large batch)."""
+    import numpy as np
+    import minidnn as dnn
+    from minidnn import dlib_zoo, ops
+    cu = ops.backend("cuda")
+    M = args.models
+    ref = os.path.join(M, "reference")
+    img = np.load(os.path.join(ref, "py_cnn_face_detector.npz"))["image_astronaut"]
+    chip = np.load(os.path.join(ref, "py_face_recognition_resnet_v1.npz"))["chip150_astronaut"]
+    chip32 = np.load(os.path.join(ref, "cpp_gender.npz"))["images"][0]
+    models = [  # name, file, loader, one input, the large batch
+        ("face_detector", "mmod_human_face_detector.dat", dlib_zoo.face_detector, img, 16),
+        ("vehicle_detector_rear", "mmod_rear_end_vehicle_detector.dat", dlib_zoo.vehicle_detector, img, 16),
+        ("face_descriptor", "dlib_face_recognition_resnet_model_v1.dat", dlib_zoo.face_descriptor, chip, 256),
+        ("densenet_face_descriptor", "face_recognition_densenet_model_v1.dat",
+         dlib_zoo.densenet_face_descriptor, chip, 256),
+        ("gender_classifier", "dnn_gender_classifier_v1.dat", dlib_zoo.gender_classifier, chip32, 1024),
+    ]
+
+    def timed(f, rounds):
+        f()
+        f()
+        ts = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        return 1e3 * float(np.median(ts)), 1e3 * float(np.min(ts))
+
+    results = []
+    for name, file, loader, one, big in models:
+        path = os.path.join(M, file)
+        if not os.path.exists(path) or (args.only and name not in args.only.split(",")):
+            continue
+        cpu_net = dnn.fuse(loader(path))
+        gpu_net = dnn.fuse(loader(path)).to("cuda")
+        many = np.stack([one] * big)
+        same = cpu_net(one) == gpu_net(one) if name.endswith("detector") else None
+        row = {"case": name, "file": file, "large_batch": big, "same_detections": same}
+        row["cpu_fused_ms"], _ = timed(lambda: cpu_net(one), max(3, args.rounds))
+        row["cuda_ms"], row["cuda_min_ms"] = timed(lambda: gpu_net(one), 5 * args.rounds)
+        ms, _ = timed(lambda: gpu_net(many), args.rounds)
+        row["cuda_batch_ms"] = ms
+        row["cuda_images_per_s"] = big / (ms / 1e3)
+        results.append(row)
+        print(f"{name:26s} cpu fused {row['cpu_fused_ms']:8.2f} ms   cuda {row['cuda_ms']:7.3f} ms "
+              f"(min {row['cuda_min_ms']:.3f})   batch {big}: {row['cuda_images_per_s']:9.0f} images/s", flush=True)
+    info = {"device": cu.device.name(), "cpu": _cpu_name(), "cores": os.cpu_count(),
+            "cpu_threads": "all (the CPU backend's default)", "rounds": args.rounds,
+            "versions": {"python": platform.python_version(), "minidnn": dnn.__version__,
+                         "numpy": np.__version__},
+            "method": ("end to end per call of net(image) (detections or descriptors back on the host): "
+                       "the input layer's tensor, the forward replayed as a CUDA graph, the loss's "
+                       "labels; median of the rounds after two warm-up calls"),
+            "results": results}
+    out = os.path.join(os.path.dirname(args.out), "dlib_gpu.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(info, f, indent=1)
+    lines = [f"# dlib's models on the GPU ({info['device']})", "",
+             f"{info['method']}. CPU column: the same fused net on the GPU machine's CPU "
+             f"({info['cpu']}, {info['cores']} cores).", "",
+             "| model | CPU fused, batch 1 (ms) | CUDA, batch 1 (ms) | large batch | CUDA images/s | same detections |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in results:
+        lines.append(f"| {r['case']} | {r['cpu_fused_ms']:.2f} | {r['cuda_ms']:.3f} | {r['large_batch']} | "
+                     f"{r['cuda_images_per_s']:.0f} | {'-' if r['same_detections'] is None else r['same_detections']} |")
+    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {out}")
 
 
 def _cpu_name():

@@ -46,7 +46,7 @@ torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.benchmark = True
 
-BATCHES = {"lenet": (1, 256), "cifar_resnet": (1, 64), "resnet18": (1, 64)}
+BATCHES = {"lenet": (1, 256), "cifar_resnet": (1, 64), "resnet18": (1, 64), "mobilenet_v2": (1, 64)}
 
 
 def time_calls(fn, sync, reps, warm=3):
@@ -120,14 +120,14 @@ def minidnn_rows(name, batch, x, ref, reps, quick):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="graph rows only, fewer repetitions")
-    ap.add_argument("--nets", default="lenet,cifar_resnet,resnet18")
+    ap.add_argument("--nets", default="lenet,cifar_resnet,resnet18,mobilenet_v2")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "gpu.json"))
     a = ap.parse_args()
-    results = []
+    results, md = [], []
     for name in a.nets.split(","):
         for batch in BATCHES[name]:
-            x = np.random.default_rng(2).standard_normal((batch,) + NETS[name][1]).astype(np.float32)
-            big = name == "resnet18" and batch > 1
+            x = np.random.default_rng(2).standard_normal((batch,) + NETS[name][0]).astype(np.float32)
+            big = name in ("resnet18", "mobilenet_v2") and batch > 1
             reps = (10 if a.quick else 30) if big else (30 if a.quick else 100)
             net = build(name, batch)
             gflop = flops(net) / 1e9
@@ -143,7 +143,7 @@ def main():
                 r["vs_pytorch_graph"] = t_graph / r["ms"]
                 r["tflops"] = gflop / r["ms"]
             results += rows
-            print_table(rows)
+            md += print_table(rows)
     meta = {"device": cu.device.name(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "host": platform.node(), "python": platform.python_version(), "numpy": np.__version__,
             "torch": torch.__version__, "torch_cudnn": torch.backends.cudnn.version(),
@@ -152,21 +152,30 @@ def main():
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
-    print(f"\n{meta}\nwrote {a.out}")
+    mdpath = os.path.splitext(a.out)[0] + ".md"
+    with open(mdpath, "w") as f:
+        f.write(f"# bench_gpu.py on {meta['device']} ({meta['date']})\n\n"
+                f"fp32, TF32 off. PyTorch {meta['torch']} (cuDNN {meta['torch_cudnn']}), minidnn's cuDNN "
+                f"{meta['minidnn_cudnn']}, CUDA driver {meta['cuda_driver']}, Python {meta['python']}, "
+                f"NumPy {meta['numpy']}. Wall-clock ms per forward, device-resident input and output, "
+                f"synchronised after each call, median.\n" + "\n".join(md) + "\n")
+    print(f"\n{meta}\nwrote {a.out} and {mdpath}")
 
 
 def print_table(rows):
+    """Print one net and batch as a Markdown table; return its lines."""
     r0 = rows[0]
-    print(f"\n### {r0['net']}, batch {r0['batch']} ({r0['gflop']:.3f} GFLOP per forward)\n")
-    print("| engine | conv route | fused | graph | median ms | TFLOP/s | vs PyTorch eager | vs PyTorch graph "
-          "| max rel err | conv paths |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    lines = [f"\n### {r0['net']}, batch {r0['batch']} ({r0['gflop']:.3f} GFLOP per forward)\n",
+             "| engine | conv route | fused | graph | median ms | TFLOP/s | vs PyTorch eager | vs PyTorch graph "
+             "| max rel err | conv paths |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         paths = ", ".join(f"{k} x{v}" for k, v in r.get("conv_paths", {}).items())
-        print(f"| {r['engine']} | {r['route']} | {'yes' if r['fused'] else 'no'} | "
-              f"{'yes' if r['graph'] else 'no'} | {r['ms']:.3f} | {r['tflops']:.2f} | "
-              f"{r['vs_pytorch_eager']:.2f}x | {r['vs_pytorch_graph']:.2f}x | {r['rel_err']:.1e} | {paths} |")
-    sys.stdout.flush()
+        lines.append(f"| {r['engine']} | {r['route']} | {'yes' if r['fused'] else 'no'} | "
+                     f"{'yes' if r['graph'] else 'no'} | {r['ms']:.3f} | {r['tflops']:.2f} | "
+                     f"{r['vs_pytorch_eager']:.2f}x | {r['vs_pytorch_graph']:.2f}x | {r['rel_err']:.1e} | {paths} |")
+    print("\n".join(lines), flush=True)
+    return lines
 
 
 if __name__ == "__main__":
