@@ -423,6 +423,22 @@ CONV_SHAPES = {
 }
 
 
+def conv_shapes_of(name):
+    """The distinct dense (groups 1) square convolutions of a net, as CONV_SHAPES lists them."""
+    net = build(name, 1)
+    shapes = []
+    for node in net.chain():
+        l = node.layer_details()
+        if type(l).__name__ == "con_" and getattr(l, "groups", 1) == 1 and l.nr == l.nc:
+            F, K, k, _ = l.filters.shape
+            R = node.subnet().get_output().shape[2]
+            row = (f"{k}x{k}{'/' + str(l.stride_y) if l.stride_y > 1 else ''} {K}>{F} at {R}",
+                   K, R, F, k, l.stride_y, l.padding_y)
+            if row not in shapes:
+                shapes.append(row)
+    return shapes
+
+
 def sgemm_gflops(nt, n=2048, reps=5):
     """OpenBLAS (scipy's) sgemm n^3 at nt threads: best of reps, GFLOP/s."""
     from scipy.linalg.blas import sgemm
@@ -452,7 +468,7 @@ def conv_table(nt, nets, reps):
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for net in nets:
         for batch in sorted(NETS[net][1], reverse=True):
-            for name, K, R, F, k, s, p in CONV_SHAPES.get(net, []):
+            for name, K, R, F, k, s, p in CONV_SHAPES.get(net) or conv_shapes_of(net):
                 x = rng.standard_normal((batch, K, R, R)).astype(np.float32)
                 w = (rng.standard_normal((F, K, k, k)) * 0.1).astype(np.float32)
                 b = rng.standard_normal(F).astype(np.float32)

@@ -407,6 +407,14 @@ cdef bint _use_implicit(const ConvArgs* a) noexcept nogil:
     # (49 columns: 3 tiles + a narrow one) ours is ~10% faster.
     if (a.sy > 1 or a.sx > 1) and a.Co < 8 and a.N > 1:
         return False
+    # 1x1 stride-1 unpadded convs (MobileNet's pointwise layers) at batch > 1: no
+    # im2col is needed, each sample is one sgemm, and OpenBLAS ran 1.1-2.1x faster
+    # than ours on 15 of MobileNet-v2's 19 such shapes at batch 16 (within 0.7-1.0x
+    # on the other 4); at batch 1 ours was faster on 16 of 19
+    # (bench/bench_cpu.py --convs-only --nets mobilenet_v2)
+    if a.nr == 1 and a.nc == 1 and a.sy == 1 and a.sx == 1 and a.py == 0 and a.px == 0 \
+            and a.N > 1:
+        return False
     return True
 
 
