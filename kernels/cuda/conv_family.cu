@@ -21,6 +21,16 @@
 
 #include "gemm_tile.cuh"
 
+// The epilogue's activation: identity and relu inline, any other code through
+// gemm_tile.cuh's out-of-line mdnn_act (one call per element: keeps the kernels
+// small and free of spills).
+__device__ __forceinline__ float cf_act(int act, float v, float p)
+{
+    if (act == MDNN_ACT_IDENTITY) return v;
+    if (act == MDNN_ACT_RELU) return mdnn_act_relu(v);
+    return mdnn_act_outline(act, v, p);
+}
+
 // ======================================================================= depthwise
 // G == K (w (F, 1, nr, nc)), F = m K: output channel f reads input channel f / m
 // (m: the channel multiplier).
@@ -35,12 +45,13 @@ __device__ __forceinline__ float dw_point(
 {
     const int nr = NR > 0 ? NR : nr_;
     const int nc = NC > 0 ? NC : nc_;
-    const int ox = (int)(e % Co);
-    long long t = e / Co;
-    const int oy = (int)(t % Ro);
+    const int ei = (int)e;                      // y has < 2**31 elements: 32-bit division
+    const int ox = ei % Co;
+    int t = ei / Co;
+    const int oy = t % Ro;
     t /= Ro;
-    const int f = (int)(t % F);
-    const int n = (int)(t / F);
+    const int f = t % F;
+    const int n = t / F;
     const int k = f / m;
     const float* __restrict__ xp = x + ((size_t)n * K + k) * ((size_t)R * C);
     const float* __restrict__ wp = w + (size_t)f * nr * nc;
@@ -78,7 +89,7 @@ extern "C" __global__ void __launch_bounds__(256) dw_direct(
         else
             v = dw_point<0, 0>(x, w, e, K, R, C, F, m, Ro, Co, nr, nc, sy, sx, py, px, dy, dx, &f);
         if (b) v += __ldg(b + f);
-        y[e] = mdnn_act(act, v, act_p);
+        y[e] = cf_act(act, v, act_p);
     }
 }
 
@@ -99,12 +110,12 @@ extern "C" __global__ void __launch_bounds__(256) dw_tile(
     extern __shared__ float dw_smem[];
     float* patch = dw_smem;
     float* wsm = dw_smem + sh_h * sh_w;
-    const long long plane = blockIdx.x / (unsigned)tiles_per_plane;
-    const int tile = (int)(blockIdx.x - plane * tiles_per_plane);
+    const unsigned plane = blockIdx.x / (unsigned)tiles_per_plane;
+    const int tile = (int)(blockIdx.x - plane * (unsigned)tiles_per_plane);
     const int ty0 = (tile / tiles_x) * DW_TH;
     const int tx0 = (tile - (tile / tiles_x) * tiles_x) * DW_TW;
-    const int f = (int)(plane % F);
-    const int n = (int)(plane / F);
+    const int f = (int)(plane % (unsigned)F);
+    const int n = (int)(plane / (unsigned)F);
     const int k = f / m;
     const float* __restrict__ xp = x + ((size_t)n * K + k) * ((size_t)R * C);
     const int iy0 = ty0 * sy - py, ix0 = tx0 * sx - px;
@@ -135,7 +146,7 @@ extern "C" __global__ void __launch_bounds__(256) dw_tile(
                 acc = fmaf(sp[i * dy * sh_w + j * dx], wsm[i * nc + j], acc);
     }
     if (b) acc += __ldg(b + f);
-    y[((size_t)plane * Ro + oy) * Co + ox] = mdnn_act(act, acc, act_p);
+    y[((size_t)plane * Ro + oy) * Co + ox] = cf_act(act, acc, act_p);
 }
 
 // ======================================================================= grouped GEMM
@@ -320,10 +331,11 @@ __device__ __forceinline__ void tconv_body(
     const long long pid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (pid >= npix) return;
     const int f0 = blockIdx.y * FT;
-    const int ox = (int)(pid % Co);
-    const long long t = pid / Co;
-    const int oy = (int)(t % Ro);
-    const int n = (int)(t / Ro);
+    const int pi = (int)pid;                    // npix < 2**31: 32-bit division
+    const int ox = pi % Co;
+    const int t = pi / Co;
+    const int oy = t % Ro;
+    const int n = t / Ro;
     const size_t RC = (size_t)R * C;
     const size_t wk = (size_t)F * nr * nc;      // w's stride between input channels
     const float* __restrict__ xn = x + (size_t)n * K * RC;
@@ -358,7 +370,7 @@ __device__ __forceinline__ void tconv_body(
         const int f = f0 + u;
         if (f < F) {
             const float v = acc[u] + (b ? __ldg(b + f) : 0.f);
-            y[(((size_t)n * F + f) * Ro + oy) * Co + ox] = mdnn_act(act, v, act_p);
+            y[(((size_t)n * F + f) * Ro + oy) * Co + ox] = cf_act(act, v, act_p);
         }
     }
 }
