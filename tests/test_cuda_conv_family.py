@@ -321,6 +321,20 @@ def test_every_activation_in_every_kernel(cu, fam, rng, act):
             _check_transpose(cu, rng, case, _A(act))
 
 
+# sh_h x sh_w = 82 x 154 floats of patch: 50.5 KiB > DW_SMEM_MAX, so dw_direct alone
+BIG_PATCH = (1, 2, 70, 70, 4, 7, 7, 3, 3, 0, 0, 10, 10, 2)
+
+
+@gpu
+def test_depthwise_patch_beyond_shared_memory(cu, fam, rng):
+    for kernel in ("dw_direct", None):
+        fam.force_kernel = kernel
+        _check_grouped(cu, rng, BIG_PATCH, ops.Act(7, 0.0))
+    fam.force_kernel = "dw_tile"
+    with pytest.raises(ValueError, match="cannot run this shape"):
+        _check_grouped(cu, rng, BIG_PATCH, ops.RELU)
+
+
 @gpu
 def test_forced_kernel_that_cannot_run_the_shape_is_an_error(cu, fam, rng):
     fam.force_kernel = "gconv_64x64"
@@ -817,6 +831,19 @@ def test_transpose_plans_cover_the_output(kernel, case):
     assert grid[0] * 256 >= npix > (grid[0] - 1) * 256
     assert grid[1] * ft >= F > (grid[1] - 1) * ft
     assert (a["Ro"], a["Co"], a["F"], a["K"]) == (ys[2], ys[3], F, K)
+
+
+def test_dw_tile_is_not_offered_beyond_its_shared_memory():
+    host = _host_module()
+    assert _plan_grouped(host, BIG_PATCH, "dw_direct")[0] == "dw_direct"
+    with pytest.raises(ValueError, match="cannot run this shape"):
+        _plan_grouped(host, BIG_PATCH, "dw_tile")
+    host.force_kernel = None
+    _FakeKernel.launches.clear()
+    N, K, R, C, F, nr, nc, sy, sx, py, px, dy, dx, G = BIG_PATCH
+    host.conv2d_grouped(_FakeArray((N, K, R, C)), _FakeArray((F, 1, nr, nc)), None,
+                        _FakeArray(_grouped_out(BIG_PATCH)), sy, sx, py, px, dy, dx, G, True)
+    assert [ln[0] for ln in _FakeKernel.launches] == ["dw_direct"]
 
 
 def test_own_candidates_are_timed_when_autotuning():
