@@ -5,7 +5,7 @@ CPU_KERNEL, OWN_KERNEL = "CPU kernel", "own kernel"
 # appended to a cuDNN path when cuDNN cannot apply the convolution's activation
 # (backends/cuda/routing.py: cuDNN with the identity epilogue, then the own kernel)
 OWN_ACTIVATION = " + own activation kernel"
-_CONV_OPS = ("conv2d", "conv2d_residual", "conv2d_winograd")
+_CONV_OPS = ("conv2d", "conv2d_residual", "conv2d_winograd", "conv2d_grouped", "conv2d_transpose")
 
 
 class BackendInfo(dict):
@@ -25,8 +25,15 @@ class BackendInfo(dict):
             algo = f", {c['algorithm']}" if c.get("algorithm") else ""
             fb = f" (fell back: {c['fallback']})" if c.get("fallback") else ""
             act = c.get("act", "relu" if c.get("relu") else "identity")
-            lines.append(f"layer<{c['layer']}> con {c['input']} * {c['filters']} stride "
-                         f"{c['stride']} pad {c['padding']}{' +residual' if c.get('residual') else ''}"
+            extra = ""
+            if c.get("groups", 1) != 1:
+                extra += f" groups {c['groups']}"
+            if tuple(c.get("dilation", (1, 1))) != (1, 1):
+                extra += f" dilation {c['dilation']}"
+            kind = "cont" if c.get("transposed") else "con"
+            lines.append(f"layer<{c['layer']}> {kind} {c['input']} * {c['filters']} stride "
+                         f"{c['stride']} pad {c['padding']}{extra}"
+                         f"{' +residual' if c.get('residual') else ''}"
                          f"{'' if act == 'identity' else ' +' + act}: "
                          f"{c['path']}{algo}{fb}")
         return "\n".join(lines)
@@ -69,6 +76,9 @@ def backend_info(net, input_shape=None):
     "unfused cuDNN calls", "own kernel", "CPU kernel"; a cuDNN path + " + own activation
     kernel" when cuDNN cannot apply the activation), the cuDNN algorithm, and its
     activation (``act``: the ops.Act's repr; ``relu``: whether it is relu).
+    Grouped or dilated convolutions (conv2d_grouped) also give ``groups`` and
+    ``dilation`` and are routed like the others (own kernel or cuDNN); transposed ones
+    (conv2d_transpose, ``transposed``: True) always run the own (or CPU) kernel.
 
     The convolutions are those of the forward compiled at the last call of ``net``;
     ``input_shape`` (N, K, R, C) compiles one for that shape when there is none yet.
@@ -121,9 +131,17 @@ def backend_info(net, input_shape=None):
              "act": _act_text(act), "bias": b is not None, "residual": residual,
              "path": CPU_KERNEL if be is None else OWN_KERNEL, "algorithm": None,
              "fallback": None}
+        grouped = {}
+        if name == "conv2d_grouped":
+            grouped = {"dilation": (a["dilation_y"], a["dilation_x"]), "groups": a["groups"]}
+            c.update(grouped)
+        if name == "conv2d_transpose":          # no cuDNN route: the own (or CPU) kernel
+            c["transposed"] = True
+            info["convolutions"].append(c)
+            continue
         route = getattr(be, "conv_route", None)
         if route is not None:
-            route = route(x.shape, w.shape, sy, sx, py, px, act, residual=residual)
+            route = route(x.shape, w.shape, sy, sx, py, px, act, residual=residual, **grouped)
         if route == "own":
             pass
         elif be is not None and info["cudnn"]:
@@ -131,9 +149,9 @@ def backend_info(net, input_shape=None):
             cudnn_act = cudnn.cudnn_activation(act)
             post = cudnn_act is None
             geometry = (x.shape, w.shape, sy, sx, py, px, cudnn.IDENTITY if post else cudnn_act)
-            p = cudnn.conv_path(*geometry, plan=False, residual=residual)
+            p = cudnn.conv_path(*geometry, plan=False, residual=residual, **grouped)
             if (p is None or p["calls"] == 0) and routed:
-                p = cudnn.conv_path(*geometry, plan=True, residual=residual)
+                p = cudnn.conv_path(*geometry, plan=True, residual=residual, **grouped)
             if p is not None and (p["calls"] > 0 or routed):
                 c.update(path=cudnn.PATH_NAMES[p["path"]] + (OWN_ACTIVATION if post else ""),
                          algorithm=p["algorithm"], fallback=p["fallback"])

@@ -28,8 +28,11 @@ WHAT THIS PACKAGE REPRESENTS
     routing.py   own kernels vs cuDNN per convolution shape (set_conv_route,
                  conv_route, use_cudnn; cuDNN itself is backends/cudnn/)
     ops.py       the ops: per-shape plans and launches
+    conv_family.py  conv2d_grouped (depthwise, grouped, dilated; own kernels or
+                 cuDNN) and conv2d_transpose (kernels/cuda/conv_family.cu)
     graph.py     CUDA graph capture (capture, Graph)
 """
+from .conv_family import conv2d_grouped, conv2d_transpose
 from .gpu import context, device, stream
 from .graph import Graph, capture
 from .kernels import load_kernels
@@ -45,6 +48,8 @@ __all__ = [
     # the ops (every inference op of minidnn.ops.OPS)
     "activation", "add", "affine", "avg_pool", "conv2d", "conv2d_residual", "fc", "max_pool",
     "softmax",
+    # the convolution family (conv_family.py)
+    "conv2d_grouped", "conv2d_transpose",
     # the backend's identity and memory
     "name", "array_type", "empty", "asarray", "to_numpy", "upload", "copy", "synchronize",
     "CudaMemoryError",

@@ -15,6 +15,12 @@ identity epilogue followed by the own ``activation`` kernel in place
 (``CudnnConv.post``); in "auto" that pair is what is timed against the own
 kernel, whose epilogue applies every activation.
 
+conv2d_grouped (conv_family.py) is routed the same way, per shape, between its own
+kernels and cuDNN's grouped/dilated convolution (cudnn.conv2d_grouped), with the
+same activation rule; its route keys carry its dilation and group count
+(``route_key(..., grouped=...)``), and conv_route(..., dilation=, groups=) reports
+them. conv2d_transpose has no cuDNN route (always its own kernel).
+
 cuDNN is optional: ``cudnn_module()`` is None when it is not installed, is
 turned off (MINIDNN_CUDNN=0) or the route is "own".
 """
@@ -55,19 +61,32 @@ def use_cudnn():
     return cudnn_module() is not None
 
 
-def route_key(x_shape, w_shape, stride_y, stride_x, pad_y, pad_x, act, residual):
-    """The key of one convolution shape's route; act is an (code, param) pair."""
-    return (tuple(map(int, x_shape)), tuple(map(int, w_shape)), (int(stride_y), int(stride_x)),
-            (int(pad_y), int(pad_x)), (int(act[0]), float(act[1])), bool(residual))
+def route_key(x_shape, w_shape, stride_y, stride_x, pad_y, pad_x, act, residual, grouped=None):
+    """The key of one convolution shape's route; act is an (code, param) pair.
+    grouped: (dilation_y, dilation_x, groups) of a conv2d_grouped (None: conv2d or
+    conv2d_residual), so that its route is kept apart from conv2d's."""
+    key = (tuple(map(int, x_shape)), tuple(map(int, w_shape)), (int(stride_y), int(stride_x)),
+           (int(pad_y), int(pad_x)), (int(act[0]), float(act[1])), bool(residual))
+    if grouped is not None:
+        key += ("grouped",) + tuple(int(g) for g in grouped)
+    return key
 
 
-def conv_route(x_shape, w_shape, stride_y, stride_x, pad_y, pad_x, act, residual=False):
+def conv_route(x_shape, w_shape, stride_y, stride_x, pad_y, pad_x, act, residual=False,
+               dilation=None, groups=None):
     """"cudnn" or "own": the implementation chosen for this convolution shape, or None
     when the shape has not run yet. act: the convolution's activation (an ops.Act,
     or a bool: relu or identity). residual=True asks about conv2d_residual, whose
-    route is chosen (and timed) separately from conv2d's."""
+    route is chosen (and timed) separately from conv2d's. dilation ((dy, dx)) or
+    groups given: asks about conv2d_grouped (the other one defaulting to (1, 1) or
+    x's channels / w's channels)."""
+    grouped = None
+    if dilation is not None or groups is not None:
+        dy, dx = (1, 1) if dilation is None else dilation
+        g = int(x_shape[1]) // int(w_shape[1]) if groups is None else groups
+        grouped = (dy, dx, g)
     return _routes.get(route_key(x_shape, w_shape, stride_y, stride_x, pad_y, pad_x,
-                                 act_args(act, "conv_route"), residual))
+                                 act_args(act, "conv_route"), residual, grouped))
 
 
 class CudnnConv:
@@ -93,6 +112,11 @@ class CudnnConv:
 
     def conv2d_residual(self, x, w, b, z, y, sy, sx, py, px):
         self.cudnn.conv2d_residual(x, w, b, z, y, sy, sx, py, px, self.cudnn_act)
+        if self.post is not None:
+            self.activation(y, y, self.post)
+
+    def conv2d_grouped(self, x, w, b, y, sy, sx, py, px, dy, dx, groups):
+        self.cudnn.conv2d_grouped(x, w, b, y, sy, sx, py, px, dy, dx, groups, self.cudnn_act)
         if self.post is not None:
             self.activation(y, y, self.post)
 

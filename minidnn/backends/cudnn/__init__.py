@@ -32,8 +32,8 @@ reference) is bench/cudnn_probe.py.
 from .bindings import FwdAlgoPerf
 from .library import (CudnnError, available, candidates, library_path, load, unavailable_reason,
                       version, version_string)
-from .plans import (conv2d, conv2d_residual, conv_path, force_algorithm, inject_not_supported,
-                    prepare, reset, set_fused, set_stream)
+from .plans import (conv2d, conv2d_grouped, conv2d_residual, conv_path, force_algorithm,
+                    inject_not_supported, prepare, reset, set_fused, set_stream)
 from .policy import (ALGO, CUDNN_ACTIVATIONS, FUSED, FWD_ALGOS, IDENTITY, PATH_NAMES, RELU,
                      RESIDUAL, STATUS_V8, STATUS_V9, UNFUSED, cudnn_activation, decode_version,
                      fused_policy, is_not_supported, not_supported_code, status_category,
@@ -49,6 +49,7 @@ __all__ = [
     "CudnnError", "available", "candidates", "library_path", "load", "unavailable_reason",
     "version", "version_string", "FwdAlgoPerf",
     # convolutions
-    "conv2d", "conv2d_residual", "conv_path", "force_algorithm", "inject_not_supported",
+    "conv2d", "conv2d_grouped", "conv2d_residual", "conv_path", "force_algorithm",
+    "inject_not_supported",
     "prepare", "reset", "set_fused", "set_stream",
 ]

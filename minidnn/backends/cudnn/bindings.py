@@ -31,6 +31,7 @@ _SIGNATURES = {
     "cudnnDestroyConvolutionDescriptor": [_vp],
     "cudnnSetConvolution2dDescriptor": [_vp, _int, _int, _int, _int, _int, _int, _int, _int],
     "cudnnSetConvolutionMathType": [_vp, _int],
+    "cudnnSetConvolutionGroupCount": [_vp, _int],
     "cudnnGetConvolution2dForwardOutputDim": [_vp, _vp, _vp, _vp, _vp, _vp, _vp],
     "cudnnGetConvolutionForwardAlgorithm_v7": [_vp, _vp, _vp, _vp, _vp, _int, _vp, _vp],
     "cudnnFindConvolutionForwardAlgorithm": [_vp, _vp, _vp, _vp, _vp, _int, _vp, _vp],

@@ -2,7 +2,9 @@
 
 Per CUDA context: one cuDNN handle, set to the backend's stream
 (``minidnn.backends.cuda.stream``, or ``set_stream``), and one grow-only
-workspace. Per convolution shape (x shape, w shape, stride, padding): the
+workspace. Per convolution shape (x shape, w shape, stride, padding, and for
+``conv2d_grouped`` dilation and group count: cudnnSetConvolutionGroupCount and the
+dilation fields of cudnnSetConvolution2dDescriptor): the
 descriptors and the forward algorithm, chosen once (cuDNN's heuristic
 ``cudnnGetConvolutionForwardAlgorithm_v7``; ``MINIDNN_CUDNN_FIND=1`` measures
 with ``cudnnFindConvolutionForwardAlgorithm``; ``MINIDNN_CUDNN_ALGO=NAME``
@@ -35,8 +37,9 @@ from .policy import (ALGO, FUSED, FWD_ALGOS, IDENTITY, RELU, RESIDUAL, UNFUSED, 
                      status_name)
 
 _contexts = {}       # CUcontext -> _Context
-_plans = {}          # (context, x shape, w shape, stride, pad) -> _Plan
-_fallback = {}       # (x shape, w shape, stride, pad, algo, activation) -> reason
+_plans = {}          # (context, x shape, w shape, stride, pad[, dilation, groups]) -> _Plan
+_fallback = {}       # (x shape, w shape, stride, pad[, dilation, groups], algo, activation)
+                     # -> reason (dilation and groups only for a grouped/dilated shape)
 _activations = {}    # activation -> descriptor
 _settings = {"stream": None, "algo": None, "fused": None, "find": None}
 _inject = {"algos": None, "active": False, "count": 0}
@@ -185,21 +188,26 @@ class _Plan:
     """One convolution shape on one context: descriptors, algorithm, workspace size,
     the path per activation and how many calls took it."""
 
-    def __init__(self, ctx, xs, ws, stride, pad):
+    def __init__(self, ctx, xs, ws, stride, pad, dilation=(1, 1), groups=1):
         self.xs, self.ws, self.stride, self.pad = xs, ws, stride, pad
+        self.dilation, self.groups = dilation, groups
+        # what a grouped/dilated shape adds to the keys (nothing for a plain conv2d)
+        self.extra = _extra(dilation, groups)
         self.ctx = ctx
         n, k, r, c = xs
         f, _, nr, nc = ws
-        self.ys = (n, f, 1 + (r + 2 * pad[0] - nr) // stride[0],
-                   1 + (c + 2 * pad[1] - nc) // stride[1])
+        self.ys = (n, f, 1 + (r + 2 * pad[0] - (dilation[0] * (nr - 1) + 1)) // stride[0],
+                   1 + (c + 2 * pad[1] - (dilation[1] * (nc - 1) + 1)) // stride[1])
         self.x_desc = _tensor_desc(xs)
         self.y_desc = _tensor_desc(self.ys)
         self.b_desc = _tensor_desc((1, f, 1, 1))
         self.w_desc = _new("Filter", "cudnnSetFilter4dDescriptor", _FLOAT, _NCHW,
                            *[int(s) for s in ws])
         self.conv_desc = _new("Convolution", "cudnnSetConvolution2dDescriptor",
-                              pad[0], pad[1], stride[0], stride[1], 1, 1,
+                              pad[0], pad[1], stride[0], stride[1], dilation[0], dilation[1],
                               _CROSS_CORRELATION, _FLOAT)
+        if groups != 1:
+            _call("cudnnSetConvolutionGroupCount", self.conv_desc, groups)
         major = decode_version(_state["version"])[0]
         _call("cudnnSetConvolutionMathType", self.conv_desc,
               _FMA_MATH if major >= 8 else _DEFAULT_MATH)
@@ -208,7 +216,8 @@ class _Plan:
               *[ctypes.byref(d) for d in dims])
         if tuple(d.value for d in dims) != self.ys:
             raise ValueError(f"cuDNN computes output {tuple(d.value for d in dims)} for x {xs}, "
-                             f"w {ws}, stride {stride}, padding {pad}; expected {self.ys}")
+                             f"w {ws}, stride {stride}, padding {pad}, dilation {dilation}, "
+                             f"groups {groups}; expected {self.ys}")
         self.note = ""
         self.failed = set()          # algorithms cudnnConvolutionForward refused for this shape
         self.calls = {RELU: 0, IDENTITY: 0, (RELU, RESIDUAL): 0, (IDENTITY, RESIDUAL): 0}
@@ -269,7 +278,7 @@ class _Plan:
 
     # -- path ----------------------------------------------------------------
     def fallback_key(self, act, residual=False):
-        key = (self.xs, self.ws, self.stride, self.pad, self.algo, act)
+        key = (self.xs, self.ws, self.stride, self.pad) + self.extra + (self.algo, act)
         return key + (RESIDUAL,) if residual else key
 
     def path(self, act, residual=False):
@@ -288,16 +297,22 @@ class _Plan:
         lib.cudnnDestroyConvolutionDescriptor(self.conv_desc)
 
 
-def _plan(xs, ws, stride, pad):
+def _extra(dilation, groups):
+    """What a grouped or dilated shape adds to the plan and fallback keys: () for a
+    plain convolution (dilation (1, 1), one group), else (dilation, groups)."""
+    return () if tuple(dilation) == (1, 1) and groups == 1 else (tuple(dilation), groups)
+
+
+def _plan(xs, ws, stride, pad, dilation=(1, 1), groups=1):
     key_ctx, ctx = _current_context()
-    key = (key_ctx, xs, ws, stride, pad)
+    key = (key_ctx, xs, ws, stride, pad) + _extra(dilation, groups)
     p = _plans.get(key)
     if p is None:
-        p = _plans[key] = _Plan(ctx, xs, ws, stride, pad)
+        p = _plans[key] = _Plan(ctx, xs, ws, stride, pad, dilation, groups)
     return p
 
 
-def _check_args(x, w, b, y, z=None):
+def _check_args(x, w, b, y, z=None, groups=1):
     import numpy as np
     for name, a in (("x", x), ("w", w), ("y", y)) + ((("b", b),) if b is not None else ()) + \
             ((("z", z),) if z is not None else ()):
@@ -313,8 +328,10 @@ def _check_args(x, w, b, y, z=None):
         zp, yp = int(z.ptr), int(y.ptr)
         if zp < yp + y.nbytes and yp < zp + z.nbytes:
             raise ValueError("cudnn.conv2d_residual: z overlaps y in memory")
-    if len(x.shape) != 4 or len(w.shape) != 4 or len(y.shape) != 4 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"cudnn.conv2d: expected x (N,K,R,C), w (F,K,nr,nc), y (N,F,Ro,Co); "
+    if len(x.shape) != 4 or len(w.shape) != 4 or len(y.shape) != 4 or \
+            x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
+        raise ValueError(f"cudnn.conv2d: expected x (N,K,R,C), w (F,K/groups,nr,nc), "
+                         f"y (N,F,Ro,Co) (groups {groups} dividing K and F); "
                          f"got x {x.shape}, w {w.shape}, y {y.shape}")
     if b is not None and tuple(b.shape) != (w.shape[0],):
         raise ValueError(f"cudnn.conv2d: b must be ({w.shape[0]},), got {b.shape}")
@@ -378,6 +395,27 @@ def conv2d_residual(x, w, b, z, y, stride_y, stride_x, pad_y, pad_x, act):
     p.calls[(act, RESIDUAL)] += 1
 
 
+def conv2d_grouped(x, w, b, y, stride_y, stride_x, pad_y, pad_x, dilation_y, dilation_x, groups,
+                   act):
+    """The backend op conv2d_grouped through cuDNN: y (N,F,Ro,Co) = act(grouped, dilated
+    cross-correlation of x (N,K,R,C) with w (F,K/groups,nr,nc) + b (F,) unless None),
+    act relu or identity as for conv2d (cudnnSetConvolutionGroupCount and the dilation
+    of the convolution descriptor; the same fused/unfused policy and fallback as
+    conv2d). Enqueued on the backend's stream."""
+    if load() is None:
+        raise RuntimeError(f"cuDNN is not available: {unavailable_reason()}")
+    groups = int(groups)
+    _check_args(x, w, b, y, groups=groups)
+    p = _plan(tuple(x.shape), tuple(w.shape), (int(stride_y), int(stride_x)),
+              (int(pad_y), int(pad_x)), (int(dilation_y), int(dilation_x)), groups)
+    if tuple(y.shape) != p.ys:
+        raise ValueError(f"cudnn.conv2d_grouped: y must be {p.ys}, got {tuple(y.shape)}")
+    p.ctx.set_stream(_stream_handle())
+    act = _cudnn_act(act, "conv2d_grouped")
+    _run(p, x, w, b, y, act)
+    p.calls[act] += 1
+
+
 def _run(p, x, w, b, y, act, z=None):
     lib, v = _state["lib"], _state["version"]
     xp, wp, yp = _vp(x.ptr), _vp(w.ptr), _vp(y.ptr)
@@ -428,29 +466,32 @@ def _run(p, x, w, b, y, act, z=None):
 
 
 def conv_path(x_shape, w_shape, stride_y, stride_x, pad_y, pad_x, act, plan=True,
-              residual=False):
+              residual=False, dilation=(1, 1), groups=1):
     """Which path a convolution takes through cuDNN: a dict with ``path`` (FUSED or
     UNFUSED), ``algorithm``, ``calls`` (how many calls took it), ``fallback`` (the
     status that made it fall back, if any) and ``note``. ``plan=True`` plans the shape
     when needed (needs the current CUDA context); otherwise None if never planned.
-    ``residual=True``: the same for conv2d_residual (its own calls and fallback)."""
+    ``residual=True``: the same for conv2d_residual (its own calls and fallback);
+    ``dilation`` and ``groups``: those of a conv2d_grouped."""
     xs, ws = tuple(map(int, x_shape)), tuple(map(int, w_shape))
     stride, pad = (int(stride_y), int(stride_x)), (int(pad_y), int(pad_x))
+    dilation, groups = (int(dilation[0]), int(dilation[1])), int(groups)
+    geo = (xs, ws, stride, pad) + _extra(dilation, groups)
     act = _cudnn_act(act, "conv_path")
     p = None
     try:
         import pycuda.driver as drv
         ctx = drv.Context.get_current()
         if ctx is not None:
-            p = _plans.get((_context_key(ctx), xs, ws, stride, pad))
+            p = _plans.get((_context_key(ctx),) + geo)
     except Exception:
         ctx = None
     if p is None:
-        p = next((q for k, q in _plans.items() if k[1:] == (xs, ws, stride, pad)), None)
+        p = next((q for k, q in _plans.items() if k[1:] == geo), None)
     if p is None:
         if not plan or ctx is None or load() is None:
             return None
-        p = _plan(xs, ws, stride, pad)
+        p = _plan(xs, ws, stride, pad, dilation, groups)
     return {"path": p.path(act, residual), "algorithm": p.algo,
             "calls": p.calls[(act, RESIDUAL) if residual else act],
             "fallback": _fallback.get(p.fallback_key(act, residual)),
