@@ -177,7 +177,7 @@ def _poisoned(cu, shape, offset=0):
     16-byte aligned)."""
     n = int(np.prod(shape))
     buf = cu.asarray(np.full(n + offset, np.nan, np.float32))
-    return buf if offset == 0 else buf[offset:].reshape(shape)
+    return buf.reshape(shape) if offset == 0 else buf[offset:].reshape(shape)
 
 
 def assert_close(got, ref, scale, rtol=1e-5):
