@@ -87,6 +87,25 @@ cdef inline int _threads() noexcept nogil:
     return openmp.omp_get_max_threads()
 
 
+# Multiply-adds worth one thread of a convolution or fc: ~10 us of our GEMM's
+# work per core, against the few microseconds of waking a pool worker. A layer
+# smaller than a team's worth of this gets fewer threads (the demo's net at batch
+# 16 on a 16-core machine ran ~3x slower than on 2 cores with every op on 16).
+cdef enum:
+    MACS_PER_THREAD = 262144
+
+
+cdef inline int _threads_for_macs(double macs) noexcept nogil:
+    """Threads for a GEMM-like op of `macs` multiply-adds (at least MACS_PER_THREAD each)."""
+    cdef int nt = openmp.omp_get_max_threads()
+    cdef double useful = macs / MACS_PER_THREAD
+    if useful < 2.0:
+        return 1
+    if useful < nt:
+        return <int>useful
+    return nt
+
+
 cdef inline int _threads_for(isize work, isize grain) noexcept nogil:
     """Threads worth using for `work` units when one thread should get at
     least `grain` units: a parallel region costs a few microseconds, so tiny

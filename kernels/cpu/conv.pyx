@@ -575,10 +575,8 @@ cdef int _conv(x, w, b, z, y, int stride_y, int stride_x, int pad_y, int pad_x, 
     a.P = <int>(Ro * Co); a.KRS = <int>(K * nr * nc); a.act = act_code; a.act_p = act_p
     a.direct = nr == 1 and nc == 1 and stride_y == 1 and stride_x == 1 and pad_y == 0 and pad_x == 0
 
-    cdef int nt = _threads()
-    # tiny problems: a parallel region costs more than it saves
-    if <double>N * a.F * a.P * (a.KRS if a.KRS > 0 else 1) < 100000.0:
-        nt = 1
+    # the team by the work (check.pxi, MACS_PER_THREAD): tiny layers stay on this thread
+    cdef int nt = _threads_for_macs(<double>N * a.F * a.P * (a.KRS if a.KRS > 0 else 1))
     if a.KRS > 0 and _use_implicit(&a):
         _conv_implicit(&a, nt)
         return 0
@@ -720,9 +718,7 @@ def fc(x, w, b, y, act):
     cdef const float* pw = _ptr(aw)
     cdef const float* pb = _ptr(ab) if ab is not None else NULL
     cdef float* py = _ptr(ay)
-    cdef int nt = _threads()
-    if <double>N * O * (D if D > 0 else 1) < 200000.0:
-        nt = 1
+    cdef int nt = _threads_for_macs(<double>N * O * (D if D > 0 else 1))
     cdef int nb, t0
     cdef FcArgs fa
     if mdnn_have_avx2() and N <= MDNN_NARROW and D > 0 and _force_path != 1:
@@ -898,9 +894,7 @@ def conv2d_transpose(x, w, b, y, int stride_y, int stride_x, int pad_y, int pad_
     a.x = _ptr(ax); a.w = _ptr(aw); a.y = _ptr(ay)
     a.b = _ptr(ab) if ab is not None else NULL
     a.act = act_code; a.act_p = act_p
-    cdef int nt = _threads()
-    if <double>a.N * a.K * a.P * a.FRS < 100000.0:
-        nt = 1
+    cdef int nt = _threads_for_macs(<double>a.N * a.K * a.P * a.FRS)
     _tr_plan(&a, nt)
     cdef isize ntasks = <isize>a.N * a.n_fb, t
     if ntasks < nt:

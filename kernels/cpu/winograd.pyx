@@ -349,9 +349,7 @@ def conv2d_winograd(x, u, b, z, y, int pad_y, int pad_x, int m, act):
     w.b = _ptr(ab) if ab is not None else NULL
     w.z = _ptr(az) if az is not None else NULL
     w.act = act_code; w.act_p = act_p
-    cdef int nt = _threads()
-    if <double>N * F * Ro * Co * K * 9 < 100000.0:
-        nt = 1
+    cdef int nt = _threads_for_macs(<double>N * F * Ro * Co * K * 9 / 2.25)   # F(4x4): ~2.25x fewer
     if nt > MAX_THREADS:
         nt = MAX_THREADS
     _wino_plan(&w, nt)
