@@ -28,10 +28,15 @@ WHAT THIS PACKAGE REPRESENTS
     routing.py   own kernels vs cuDNN per convolution shape (set_conv_route,
                  conv_route, use_cudnn; cuDNN itself is backends/cudnn/)
     ops.py       the ops: per-shape plans and launches
+    image_ops.py the image ops of dlib's input layers (OPTIONAL ops tiled_pyramid and
+                 resize_image_u8; image_pyramid, the pyramid input layers' whole tensor
+                 built on the GPU from the uint8 images); image_geometry.py their
+                 per-shape resize tables (GPU-free)
     graph.py     CUDA graph capture (capture, Graph)
 """
 from .gpu import context, device, stream
 from .graph import Graph, capture
+from .image_ops import image_pyramid, resize_image_u8, tiled_pyramid
 from .kernels import load_kernels
 from .memory import CudaMemoryError, asarray, copy, empty, synchronize, to_numpy, upload
 from .ops import activation, add, affine, avg_pool, conv2d, conv2d_residual, fc, max_pool, softmax
@@ -45,6 +50,8 @@ __all__ = [
     # the ops (every inference op of minidnn.ops.OPS)
     "activation", "add", "affine", "avg_pool", "conv2d", "conv2d_residual", "fc", "max_pool",
     "softmax",
+    # the OPTIONAL image ops of dlib's input layers, and their whole pyramid on the GPU
+    "tiled_pyramid", "resize_image_u8", "image_pyramid",
     # the backend's identity and memory
     "name", "array_type", "empty", "asarray", "to_numpy", "upload", "copy", "synchronize",
     "CudaMemoryError",
