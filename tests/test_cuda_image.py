@@ -227,17 +227,26 @@ def test_gpu_pyramid_of_the_reference_image(cu):
 
 @gpu
 def test_gpu_pyramid_threads(cu):
-    """Threads building pyramids at once (per-thread buffers on the one stream)."""
+    """Threads building pyramids at once (per-thread buffers on the one stream). A thread
+    of PyCUDA's driver API needs the backend's context current (pushed) to use the GPU."""
     layer = _layers()["rgb"]
     imgs = [_image(97, 131, 3, seed=s) for s in range(4)]
     want = [layer.to_tensor(a, "cpu", 0).tensor for a in imgs]
+    layer.to_tensor(imgs[0], "cuda", 0)          # compile image.cu in this thread
     bad = []
 
     def work(i):
-        for _ in range(5):
-            t = layer.to_tensor(imgs[i], "cuda", 0).tensor
-            if not np.array_equal(cu.to_numpy(t), want[i]):
-                bad.append(i)
+        import pycuda.driver as drv
+        cu.context.push()
+        try:
+            for _ in range(5):
+                t = layer.to_tensor(imgs[i], "cuda", 0).tensor
+                if not np.array_equal(cu.to_numpy(t), want[i]):
+                    bad.append(i)
+        except Exception as e:                   # noqa: BLE001 (reported below)
+            bad.append(repr(e))
+        finally:
+            drv.Context.pop()
     ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for t in ts:
         t.start()

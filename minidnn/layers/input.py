@@ -193,20 +193,38 @@ def tiled_pyramid_to_image_many(n, rects, boxes):
     ny = np.minimum(np.maximum(cy[:, None], R[None, :, 1]), R[None, :, 3])
     level = np.argmin(np.sqrt((nx - cx[:, None]) ** 2 + (ny - cy[:, None]) ** 2), axis=1)
     out = boxes - np.stack([R[level, 0], R[level, 1], R[level, 0], R[level, 1]], axis=1)
-    for lvl in range(1, int(level.max(initial=0)) + 1):
-        m = level >= lvl
-        x, y = out[m][:, [0, 2]], out[m][:, [1, 3]]
+    top = int(level.max(initial=0))
+    if top == 0:
+        return out
+    # deepest level first, so that the boxes still going up are a prefix; each point_up
+    # step is the same operations as before, in place
+    order = np.argsort(-level, kind="stable")
+    o = out[order]
+    x, y = o[:, 0::2], o[:, 1::2]                 # views: (left, right), (top, bottom)
+    count = np.bincount(level, minlength=top + 1)[::-1].cumsum()[::-1]   # boxes >= level
+    for lvl in range(1, top + 1):
+        k = int(count[lvl])
+        xk, yk = x[:k], y[:k]
         if n == 1:
-            x, y = np.zeros_like(x), np.zeros_like(y)
+            xk[...] = 0.0
+            yk[...] = 0.0
         elif n == 2:
-            x, y = (x + 1.25) * 2, (y + 0.75) * 2
+            xk += 1.25
+            xk *= 2
+            yk += 0.75
+            yk *= 2
         elif n == 3:
-            x, y = x * 1.5 + 1.5, y * 1.5 + 1.5
+            xk *= 1.5
+            xk += 1.5
+            yk *= 1.5
+            yk += 1.5
         else:
             ratio = n / (n - 1.0)
-            x, y = x * ratio + 0.3, y * ratio + 0.3
-        out[np.flatnonzero(m)[:, None], [[0, 2]]] = x
-        out[np.flatnonzero(m)[:, None], [[1, 3]]] = y
+            xk *= ratio
+            xk += 0.3
+            yk *= ratio
+            yk += 0.3
+    out[order] = o
     return out
 
 
