@@ -326,3 +326,207 @@ def test_gpu_face_detector_is_dlibs(cu):
     many = net([img, img[:, ::-1].copy()])
     assert [d.rect for d in many[0]] == [d.rect for d in net(img)]
     assert len(many) == 2
+
+
+# ---------------------------------------------------------------------------- image.cu on the CPU
+# image.cu compiled as C++ by g++ (a few lines of shim for CUDA's names and intrinsics, with
+# fp-contract off), launched by a stand-in PyCUDA whose "device memory" is host memory: the
+# backend's real Python (image_ops.py, its plans, tables, argument lists and buffers) runs
+# image.cu's real code. pyramid_levels_block runs with one thread per block (its
+# __syncthreads are then no-ops and its loops cover every pixel). A subprocess, so that the
+# stand-in never meets the real PyCUDA.
+_SHIM = r'''
+#include <cmath>
+struct mdnn_dim3 { unsigned x, y, z; };
+static mdnn_dim3 blockIdx, threadIdx, blockDim, gridDim;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __fsub_rn(float a, float b) { return a - b; }
+static inline double __dmul_rn(double a, double b) { return a * b; }
+static inline double __dadd_rn(double a, double b) { return a + b; }
+static inline float __double2float_rn(double a) { return (float)a; }
+static inline int __float2int_rz(float a) { return (int)a; }
+static inline int __double2int_rz(double a) { return (int)a; }
+static inline void __syncthreads() {}
+'''
+
+_LAUNCHERS = r'''
+#define GRID(body) for (unsigned b = 0; b < gx; ++b) for (unsigned t = 0; t < bx; ++t) { \
+    blockIdx.x = b; threadIdx.x = t; blockDim.x = bx; gridDim.x = gx; body; }
+extern "C" void launch_pyramid_level(unsigned gx, unsigned bx, float* x, const int* lv,
+    const int* ci, const float* cf, const int* ri, const float* rf, const double* rd,
+    int level, int planes, long long plane, int C)
+{ GRID(pyramid_level(x, lv, ci, cf, ri, rf, rd, level, planes, plane, C)) }
+extern "C" void launch_pyramid_levels_block(unsigned gx, unsigned bx, float* x, const int* lv,
+    const int* ci, const float* cf, const int* ri, const float* rf, const double* rd,
+    int first, int last, long long plane, int C)
+{ bx = 1; GRID(pyramid_levels_block(x, lv, ci, cf, ri, rf, rd, first, last, plane, C)) }
+extern "C" void launch_image_planes(unsigned gx, unsigned bx, const unsigned char* img,
+    float* x, int N, int H, int W, int ch, int R, int C, int left, int top,
+    float m0, float m1, float m2)
+{ GRID(image_planes(img, x, N, H, W, ch, R, C, left, top, m0, m1, m2)) }
+extern "C" void launch_resize_u8(unsigned gx, unsigned bx, const unsigned char* src,
+    unsigned char* dst, int N, int snr, int snc, int dnr, int dnc, int ch, int nvec,
+    const int* ci, const float* cf, const double* cd, const int* ri, const float* rf,
+    const double* rd)
+{ GRID(resize_u8(src, dst, N, snr, snc, dnr, dnc, ch, nvec, ci, cf, cd, ri, rf, rd)) }
+'''
+
+_FAKE_PYCUDA = r'''
+import ctypes, sys, types
+import numpy as np
+
+LIB = ctypes.CDLL(sys.argv[1])
+pycuda = types.ModuleType("pycuda"); pycuda.VERSION = (0,); pycuda.VERSION_TEXT = "stand-in"
+drv = types.ModuleType("pycuda.driver"); ga = types.ModuleType("pycuda.gpuarray")
+comp = types.ModuleType("pycuda.compiler"); pvt = types.ModuleType("pycuda._pvt_struct")
+tools = types.ModuleType("pycuda.tools"); tools.clear_context_caches = lambda: None
+LAUNCHES = []
+
+class Alloc:
+    def __init__(self, nbytes):
+        self.buf = np.zeros(max(int(nbytes), 1) + 16, np.uint8)
+        self.addr = self.buf.ctypes.data
+    def __int__(self): return self.addr
+    __index__ = __int__
+
+def _addr(p): return int(p)
+
+class GPUArray:
+    def __init__(self, shape, dtype):
+        self.shape = tuple(int(s) for s in (shape if isinstance(shape, tuple) else (shape,)))
+        self.dtype = np.dtype(dtype)
+        self.size = int(np.prod(self.shape, dtype=np.int64))
+        self.nbytes = self.size * self.dtype.itemsize
+        self.flags = types.SimpleNamespace(c_contiguous=True)
+        self.gpudata = Alloc(self.nbytes)
+    def get(self):
+        return self.gpudata.buf[:self.nbytes].view(self.dtype).reshape(self.shape).copy()
+
+ga.GPUArray = GPUArray
+ga.empty = lambda shape, dtype=np.float32: GPUArray(shape, dtype)
+def to_gpu(a):
+    a = np.ascontiguousarray(a); g = GPUArray(a.shape, a.dtype); drv.memcpy_htod(g.gpudata, a)
+    return g
+ga.to_gpu = to_gpu
+
+class Error(Exception): pass
+class MemoryError_(Error, MemoryError): pass
+drv.Error, drv.MemoryError, drv.LogicError = Error, MemoryError_, Error
+drv.init = lambda: None
+class Ctx:
+    def push(self): pass
+class Device:
+    count = staticmethod(lambda: 1)
+    def __init__(self, i): pass
+    def retain_primary_context(self): return Ctx()
+    def get_attribute(self, a): return 132
+    def compute_capability(self): return (9, 0)
+    def name(self): return "stand-in"
+drv.Device = Device
+drv.Context = types.SimpleNamespace(pop=lambda: None)
+drv.device_attribute = types.SimpleNamespace(MULTIPROCESSOR_COUNT=0)
+class Stream:
+    handle = 0
+    def synchronize(self): pass
+drv.Stream = Stream
+drv.mem_get_info = lambda: (1 << 40, 1 << 40)
+def memcpy_htod(dst, src, stream=None):
+    src = np.ascontiguousarray(src); ctypes.memmove(_addr(dst), src.ctypes.data, src.nbytes)
+drv.memcpy_htod = memcpy_htod
+drv.memcpy_htod_async = memcpy_htod
+drv.memcpy_dtod_async = lambda dst, src, n, stream=None: ctypes.memmove(_addr(dst), _addr(src), n)
+def memset_d32_async(dst, value, count, stream=None):
+    (ctypes.c_uint32 * int(count)).from_address(_addr(dst))[:] = [value] * int(count)
+drv.memset_d32_async = memset_d32_async
+
+C = {"P": ctypes.c_void_p, "i": ctypes.c_int, "q": ctypes.c_longlong, "f": ctypes.c_float,
+     "d": ctypes.c_double}
+class Function:
+    def __init__(self, name): self.name = name
+    def prepare(self, fmt): self.arg_format = fmt
+    def _launch_kernel(self, grid, block, packed, shared, stream):
+        fmt, args = packed
+        assert len(fmt) == len(args), (self.name, fmt, args)
+        assert grid[1] == grid[2] == block[1] == block[2] == 1 and block[0] <= 1024
+        conv = [C[c](_addr(a) if c == "P" else a) for c, a in zip(fmt, args)]
+        LAUNCHES.append(self.name)
+        getattr(LIB, "launch_" + self.name)(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), *conv)
+class SourceModule:
+    def __init__(self, src, **kw): pass
+    def get_function(self, name): return Function(name)
+comp.SourceModule = SourceModule
+pvt.pack = lambda fmt, *args: (fmt, args)
+pycuda.driver, pycuda.gpuarray, pycuda.compiler, pycuda._pvt_struct, pycuda.tools = \
+    drv, ga, comp, pvt, tools
+sys.modules.update({"pycuda": pycuda, "pycuda.driver": drv, "pycuda.gpuarray": ga,
+                    "pycuda.compiler": comp, "pycuda._pvt_struct": pvt, "pycuda.tools": tools})
+'''
+
+_CHECKS = r'''
+import numpy as np
+from minidnn import ops
+from minidnn.layers import input as I
+import minidnn.backends.cuda as cu
+rng = np.random.default_rng(5)
+def image(h, w, ch):
+    return rng.integers(0, 256, (h, w, 3) if ch == 3 else (h, w), dtype=np.uint8)
+layers = [(I.input_rgb_image_pyramid_(6), 3), (I.input_grayscale_image_pyramid_(6), 1),
+          (I.input_rgb_image_pyramid_(3, avg_red=10.5, pyramid_padding=4,
+                                      pyramid_outer_padding=2), 3)]
+cases = 0
+for h, w in SIZES:
+    for layer, ch in layers:
+        for up in (0, 1):
+            if up and h * w > 300 * 300 and layer is not layers[0][0]:
+                continue
+            for imgs in ([image(h, w, ch)], [image(h, w, ch), image(h, w, ch)]):
+                for _ in range(2):
+                    want = layer.to_tensor(imgs, "cpu", 0, upsample=up)
+                    got = layer.to_tensor(imgs, "cuda", 0, upsample=up)
+                    assert isinstance(got.tensor, cu.array_type)
+                    assert got.annotation == want.annotation
+                    np.testing.assert_array_equal(cu.to_numpy(got.tensor), want.tensor)
+                    cases += 1
+rects, nr, nc = I.tiled_pyramid_rects(6, 61, 75)
+t = np.zeros((2, 3, nr, nc), np.float32)
+l, tp, r, b = rects[0]
+t[:, :, tp:b + 1, l:r + 1] = rng.standard_normal((2, 3, 75 - 14, 75)).astype(np.float32)[:, :, :61]
+g = cu.asarray(t)
+ops.tiled_pyramid(t, rects)
+ops.tiled_pyramid(g, [list(q) for q in rects])
+np.testing.assert_array_equal(cu.to_numpy(g), t)
+for (h, w, H, W) in [(37, 53, 74, 106), (5, 7, 3, 2), (1, 9, 1, 17), (9, 1, 17, 1)]:
+    for ch in (3, 1):
+        a = image(h, w, ch)
+        out = cu.array_type((H, W, 3) if ch == 3 else (H, W), np.uint8)
+        ops.resize_image_u8(__import__("pycuda.gpuarray").gpuarray.to_gpu(a), out)
+        np.testing.assert_array_equal(cu.to_numpy(out), I.resize_image_u8(a, H, W))
+print("ok", cases, sorted(set(LAUNCHES)))
+'''
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH")
+def test_image_cu_on_the_cpu_through_the_backend(tmp_path):
+    """image.cu's own code (as C++) behind the backend's real image_ops.py equals the CPU
+    kernels bit for bit: sizes, RGB/grayscale layers, upsample 0 and 1, batches of two, and
+    the ops tiled_pyramid and resize_image_u8."""
+    import subprocess
+    import sys
+    cu_src = (ROOT / "kernels" / "cuda" / "image.cu").read_text()
+    (tmp_path / "image_host.cpp").write_text(_SHIM + cu_src + _LAUNCHERS)
+    lib = tmp_path / "libimage_host.so"
+    subprocess.run(["g++", "-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC",
+                    "-o", str(lib), str(tmp_path / "image_host.cpp")], check=True)
+    small = [s for s in SIZES if s != (600, 401)]
+    script = _FAKE_PYCUDA + f"SIZES = {small!r}\n" + _CHECKS
+    r = subprocess.run([sys.executable, "-c", script, str(lib)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("ok"), r.stdout
+    for k in ("pyramid_level", "pyramid_levels_block", "image_planes", "resize_u8"):
+        assert k in r.stdout, r.stdout
