@@ -13,6 +13,7 @@ of either box covered, as dlib's test_box_overlap computes them). ``net(image)``
 a list of :class:`mmod_rect` (a list of such lists for a list of images).
 """
 import math
+import weakref
 
 import numpy as np
 
@@ -118,6 +119,10 @@ class mmod_options:
 
 
 # ---------------------------------------------------------------------------- detections
+# node below a loss_mmod -> (structure revision, {(rows, columns): (x of each output column,
+# y of each output row) in the input tensor}): _detect's point mapping, once per output size
+_MAPS = weakref.WeakKeyDictionary()
+
 class mmod_rect:
     """One detection: ``rect`` (left, top, right, bottom), inclusive, in the pixels of the
     image given to the net; ``confidence`` (the detector's score, a float); ``label`` (the
@@ -283,9 +288,13 @@ class loss_mmod_(Loss):
             return []
         score = scores[ks, rs, cs].astype(np.float64)
         below = node.subnet() if node is not None else None
-        px, py = cs.astype(np.float64), rs.astype(np.float64)
         if below is not None:
-            px, py = _map_output_to_input(below, (px, py))
+            # every column and every row of the output mapped once per output size (x
+            # depends only on the column, y on the row): the same arithmetic per element
+            xmap, ymap = self._output_to_input_maps(below, o.shape[1], o.shape[2])
+            px, py = xmap[cs], ymap[rs]
+        else:
+            px, py = cs.astype(np.float64), rs.astype(np.float64)
         w = np.array([d.width - 1 for d in wins], np.float64)[ks]
         h = np.array([d.height - 1 for d in wins], np.float64)[ks]
         drect = np.stack([px - w / 2, py - h / 2, px + w / 2, py + h / 2], axis=1)
@@ -318,6 +327,26 @@ class loss_mmod_(Loss):
         return out
 
     # -- training -------------------------------------------------------------
+    def _output_to_input_maps(self, below, rows, cols):
+        """(_map_output_to_input of each output column's x, of each row's y) for ``below``,
+        cached per (node, rows, columns) until the net's structure changes."""
+        from .core import _revision
+        per = _MAPS.get(below)
+        if per is None or per[0] != _revision[0]:
+            per = (_revision[0], {})
+            _MAPS[below] = per
+        got = per[1].get((rows, cols))
+        if got is None:
+            n = max(rows, cols)
+            # one call on equally long arrays (the first cols x's and rows y's are the grid)
+            px, py = _map_output_to_input(below, (np.resize(np.arange(cols, dtype=np.float64), n),
+                                                  np.resize(np.arange(rows, dtype=np.float64), n)))
+            got = (np.asarray(px, np.float64)[:cols].copy(), np.asarray(py, np.float64)[:rows].copy())
+            if len(per[1]) >= 16:
+                per[1].clear()
+            per[1][(rows, cols)] = got
+        return got
+
     def check_labels(self, y, n, out_shape):
         raise ValueError(f"{self.kind}: training a detector is not supported by minidnn (it runs "
                          f"dlib's trained detectors); train it with dlib")

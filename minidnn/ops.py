@@ -337,11 +337,13 @@ _op("tiled_pyramid: x -> ; rects",
     "In place on x (N,K,R,C) whose rectangle rects[0] (left, top, right, bottom, inclusive) "
     "holds level 0 of a tiled image pyramid: each rects[i], i >= 1, of every plane becomes "
     "dlib's bilinear resize of rects[i-1] (create_tiled_pyramid, bit for bit; the input layers "
-    "call it on the host before the forward).")
+    "build the pyramid where the net runs: on the host for a CPU net, on the GPU for a cuda "
+    "one, whose backend has it).")
 _op("resize_image_u8: img -> out",
     "out = dlib's bilinear resize_image of img, for the uint8 images (H,W,3) RGB or (H,W) "
-    "grayscale the image input layers take (dlib's pyramid_up; bit for bit; host-side).")
-# host-side like the Winograd ops are CPU-only: a device backend need not have them
+    "grayscale the image input layers take (dlib's pyramid_up; bit for bit).")
+# OPTIONAL like the Winograd ops: a device backend need not have them (the CUDA backend has
+# both, backends/cuda/image_ops.py; a backend without them gets the tensor built on the host)
 OPTIONAL = OPTIONAL | {"tiled_pyramid", "resize_image_u8"}
 
 

@@ -204,3 +204,35 @@ def test_activation_cudnn_lacks_runs_and_is_reported(route, act_layer):
             assert sig["path"] == "own kernel" or sig["path"].endswith(" + own activation kernel")
     finally:
         be.set_conv_route("auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
+def test_many_threads_forward_one_gpu_net(graphs):
+    """Serving threads on one GPU net (issue 15 on "cuda"): every thread gets its own
+    programs (its own graph captured while other threads replay theirs), the backend's
+    context is made current in each, and every result is the one-thread result."""
+    import threading
+    from minidnn import nets
+    net = dnn.fuse(nets.randomized(nets.cifar_resnet(), (2, 3, 32, 32))).to("cuda", graphs=graphs)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((1 + i % 3, 3, 32, 32)).astype(np.float32) for i in range(12)]
+    want = [net.forward(x) for x in xs]
+    got, errors = [None] * len(xs), []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                got[i] = net.forward(xs[i])
+                assert np.array_equal(dnn.ops.backend("cuda").to_numpy(net.forward_device(xs[i])), got[i])
+        except Exception as e:          # reported below, with the thread's index
+            errors.append((i, repr(e)))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)

@@ -28,6 +28,7 @@ from ..core import InputBatch, Layer, LayerError, Node, ShapeError, f64, u32
 from .common import pos_int, real
 
 DLIB_MEANS = (122.782, 117.001, 104.298)     # dlib's default avg_red, avg_green, avg_blue
+_RECTS = {}     # (h, w, pyramid_down, padding, outer_padding) -> (rects, rows, columns)
 
 
 def _f32(v):
@@ -192,20 +193,38 @@ def tiled_pyramid_to_image_many(n, rects, boxes):
     ny = np.minimum(np.maximum(cy[:, None], R[None, :, 1]), R[None, :, 3])
     level = np.argmin(np.sqrt((nx - cx[:, None]) ** 2 + (ny - cy[:, None]) ** 2), axis=1)
     out = boxes - np.stack([R[level, 0], R[level, 1], R[level, 0], R[level, 1]], axis=1)
-    for lvl in range(1, int(level.max(initial=0)) + 1):
-        m = level >= lvl
-        x, y = out[m][:, [0, 2]], out[m][:, [1, 3]]
+    top = int(level.max(initial=0))
+    if top == 0:
+        return out
+    # deepest level first, so that the boxes still going up are a prefix; each point_up
+    # step is the same operations as before, in place
+    order = np.argsort(-level, kind="stable")
+    o = out[order]
+    x, y = o[:, 0::2], o[:, 1::2]                 # views: (left, right), (top, bottom)
+    count = np.bincount(level, minlength=top + 1)[::-1].cumsum()[::-1]   # boxes >= level
+    for lvl in range(1, top + 1):
+        k = int(count[lvl])
+        xk, yk = x[:k], y[:k]
         if n == 1:
-            x, y = np.zeros_like(x), np.zeros_like(y)
+            xk[...] = 0.0
+            yk[...] = 0.0
         elif n == 2:
-            x, y = (x + 1.25) * 2, (y + 0.75) * 2
+            xk += 1.25
+            xk *= 2
+            yk += 0.75
+            yk *= 2
         elif n == 3:
-            x, y = x * 1.5 + 1.5, y * 1.5 + 1.5
+            xk *= 1.5
+            xk += 1.5
+            yk *= 1.5
+            yk += 1.5
         else:
             ratio = n / (n - 1.0)
-            x, y = x * ratio + 0.3, y * ratio + 0.3
-        out[np.flatnonzero(m)[:, None], [[0, 2]]] = x
-        out[np.flatnonzero(m)[:, None], [[1, 3]]] = y
+            xk *= ratio
+            xk += 0.3
+            yk *= ratio
+            yk += 0.3
+    out[order] = o
     return out
 
 
@@ -226,14 +245,22 @@ def resize_image_u8(img, nr, nc):
     return out
 
 
+def pyramid_up_size(nr, nc):
+    """The (rows, columns) of dlib's pyramid_up of an nr x nc image: the size of
+    rect_up(get_rect(img)) (bottom + 1, right + 1), (0, 0) when that rectangle is empty."""
+    up = rect_from_drect(rect_up(2, (0, 0, nc - 1, nr - 1)))
+    if up[2] < up[0] or up[3] < up[1]:
+        return 0, 0
+    return up[3] + 1, up[2] + 1
+
+
 def pyramid_up(img):
     """dlib's pyramid_up(img) (pyramid_down<2>): the image enlarged to the size of
     rect_up(get_rect(img)) by resize_image's bilinear interpolation."""
-    nr, nc = img.shape[:2]
-    up = rect_from_drect(rect_up(2, (0, 0, nc - 1, nr - 1)))
-    if up[2] < up[0] or up[3] < up[1]:
+    nr, nc = pyramid_up_size(*img.shape[:2])
+    if nr == 0:
         return np.zeros((0, 0) + img.shape[2:], np.uint8)
-    return resize_image_u8(img, up[3] + 1, up[2] + 1)
+    return resize_image_u8(img, nr, nc)
 
 
 # ---------------------------------------------------------------------------- the layers
@@ -452,18 +479,51 @@ class _pyramid_input(_image_input):
             raise LayerError(f"{where}: upsample must be an integer from 0 to 8, got {upsample!r}")
         imgs, single = self._images(x, where)
         h0, w0 = self._same_size(imgs, where)
+        sizes = [(h0, w0)]
         for _ in range(int(upsample)):
-            imgs = [pyramid_up(a) for a in imgs]
-        h, w = imgs[0].shape[:2]
-        rects, nr, nc = tiled_pyramid_rects(self.pyramid_down, h, w, self.pyramid_padding,
-                                            self.pyramid_outer_padding)
+            sizes.append(pyramid_up_size(*sizes[-1]))
+        h, w = sizes[-1]
+        rects, nr, nc = self._pyramid_rects(h, w)
         if not rects:
             raise LayerError(f"{where}: the image ({h0} x {w0}) is too small for a pyramid")
-        t = np.zeros((len(imgs), self.channels, nr, nc), np.float32)
+        annotation = {"rects": rects, "upsample": int(upsample), "image_size": (h0, w0)}
+        shape = (len(imgs), self.channels, nr, nc)
+        build = self._device_pyramid(device)
+        if build is not None:
+            # on the GPU: the images are uploaded as they are, pyramid_up, the planes and
+            # the levels run there (backends/cuda/image_ops.py), the same values bit for bit
+            means = self.means if self.channels == 3 else (0.0,)
+            t = build(imgs, means, rects, shape, sizes)
+            return InputBatch(t, annotation=annotation, single=single, layer=self)
+        for _ in range(int(upsample)):
+            imgs = [pyramid_up(a) for a in imgs]
+        t = np.zeros(shape, np.float32)
         self._planes(imgs, t, rects[0])
         ops.tiled_pyramid(t, rects)
-        return InputBatch(t, annotation={"rects": rects, "upsample": int(upsample),
-                                         "image_size": (h0, w0)}, single=single, layer=self)
+        return InputBatch(t, annotation=annotation, single=single, layer=self)
+
+    def _pyramid_rects(self, h, w):
+        """tiled_pyramid_rects of an h x w image under this layer's settings, cached (the
+        same few image sizes come again and again)."""
+        key = (h, w, self.pyramid_down, self.pyramid_padding, self.pyramid_outer_padding)
+        got = _RECTS.get(key)
+        if got is None:
+            rects, nr, nc = tiled_pyramid_rects(self.pyramid_down, h, w, self.pyramid_padding,
+                                                self.pyramid_outer_padding)
+            got = (tuple(rects), nr, nc)
+            if len(_RECTS) >= 256:
+                _RECTS.clear()
+            _RECTS[key] = got
+        rects, nr, nc = got
+        return list(rects), nr, nc
+
+    @staticmethod
+    def _device_pyramid(device):
+        """The backend's image_pyramid (built on the device) for a device net, or None (the
+        CPU, or a backend without it: built on the host and uploaded by the forward)."""
+        if device == "cpu":
+            return None
+        return getattr(ops.backend(device), "image_pyramid", None)
 
     def tensor_space_to_image_space(self, batch, r):
         """A drectangle in the tiled pyramid -> the (possibly upsampled) image: dlib's

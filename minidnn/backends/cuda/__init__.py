@@ -30,11 +30,16 @@ WHAT THIS PACKAGE REPRESENTS
     ops.py       the ops: per-shape plans and launches
     conv_family.py  conv2d_grouped (depthwise, grouped, dilated; own kernels or
                  cuDNN) and conv2d_transpose (kernels/cuda/conv_family.cu)
+    image_ops.py the image ops of dlib's input layers (OPTIONAL ops tiled_pyramid and
+                 resize_image_u8; image_pyramid, the pyramid input layers' whole tensor
+                 built on the GPU from the uint8 images); image_geometry.py their
+                 per-shape resize tables (GPU-free)
     graph.py     CUDA graph capture (capture, Graph)
 """
 from .conv_family import conv2d_grouped, conv2d_transpose
-from .gpu import context, device, stream
+from .gpu import begin_run, context, device, end_run, stream
 from .graph import Graph, capture
+from .image_ops import image_pyramid, resize_image_u8, tiled_pyramid
 from .kernels import load_kernels
 from .memory import CudaMemoryError, asarray, copy, empty, synchronize, to_numpy, upload
 from .ops import activation, add, affine, avg_pool, conv2d, conv2d_residual, fc, max_pool, softmax
@@ -50,9 +55,11 @@ __all__ = [
     "softmax",
     # the convolution family (conv_family.py)
     "conv2d_grouped", "conv2d_transpose",
+    # the OPTIONAL image ops of dlib's input layers, and their whole pyramid on the GPU
+    "tiled_pyramid", "resize_image_u8", "image_pyramid",
     # the backend's identity and memory
     "name", "array_type", "empty", "asarray", "to_numpy", "upload", "copy", "synchronize",
-    "CudaMemoryError",
+    "CudaMemoryError", "begin_run", "end_run",
     # the device, graphs, kernels, convolution routing
     "device", "context", "stream", "capture", "Graph", "load_kernels",
     "set_conv_route", "conv_route", "use_cudnn",

@@ -63,5 +63,50 @@ try:
 except Exception as _e:
     raise RuntimeError(f"minidnn's CUDA backend: cannot create a CUDA context on GPU 0 ({_e})") from _e
 
+# Threads. A CUDA context is current per thread, and every thread's work goes to the one
+# `stream`, which a forward captures into a CUDA graph the first time: another thread's
+# copy or launch on it meanwhile would land inside that graph (or fail the capture). So a
+# forward's launches and its output's download, and every memory call of memory.py, run
+# under `run_lock` (re-entrant), after make_current() has pushed the backend's context in
+# the calling thread (once per thread). Forwards from many threads are thereby serialised
+# on the GPU, which runs one stream's work in order anyway.
+import threading  # noqa: E402
+
+run_lock = threading.RLock()
+_tl = threading.local()
+
+
+def make_current():
+    """Make the backend's context current in the calling thread (a no-op after the first
+    call in a thread, and in the thread that imported the backend)."""
+    if getattr(_tl, "current", False):
+        return
+    if drv.Context.get_current() is None:
+        context.push()
+    _tl.current = True
+
+
+def serialized(fn):
+    """fn under run_lock, with the context current (memory.py's calls, the image ops)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with run_lock:
+            make_current()
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def begin_run():
+    """Before a compiled forward's launches (core.Program.run): see run_lock."""
+    run_lock.acquire()
+    make_current()
+
+
+def end_run():
+    run_lock.release()
+
+
 SM_COUNT = device.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
 CC = device.compute_capability()

@@ -12,13 +12,14 @@ import gc
 
 import numpy as np
 
-from .gpu import drv, gpuarray, stream
+from .gpu import drv, gpuarray, serialized, stream
 
 
 class CudaMemoryError(MemoryError):
     """The GPU has not enough free memory for an allocation."""
 
 
+@serialized
 def alloc(shape, dtype=np.float32):
     """A new uninitialised GPUArray; CudaMemoryError when it does not fit."""
     try:
@@ -40,11 +41,13 @@ def alloc(shape, dtype=np.float32):
             ) from None
 
 
+@serialized
 def empty(shape):
     """A new uninitialised float32 GPUArray of `shape` (C order)."""
     return alloc(tuple(int(s) for s in shape))
 
 
+@serialized
 def asarray(a):
     """A new GPUArray holding a copy of the NumPy array `a` (floats become float32)."""
     a = np.asarray(a)
@@ -59,6 +62,7 @@ def asarray(a):
     return out
 
 
+@serialized
 def upload(dst, src):
     """Copy the NumPy array `src` into the existing GPUArray `dst`, ordered on
     `stream` (no allocation). `src` must match dst's size; it is converted to
@@ -69,6 +73,7 @@ def upload(dst, src):
     drv.memcpy_htod_async(dst.gpudata, src, stream)
 
 
+@serialized
 def copy(dst, src):
     """Copy GPUArray `src` into GPUArray `dst` (same size and dtype), ordered on `stream`."""
     if src.size != dst.size or src.dtype != dst.dtype:
@@ -77,12 +82,14 @@ def copy(dst, src):
         drv.memcpy_dtod_async(dst.gpudata, src.gpudata, src.nbytes, stream)
 
 
+@serialized
 def to_numpy(arr):
     """A NumPy copy of GPUArray `arr`, after all work queued on `stream`."""
     stream.synchronize()
     return arr.get()
 
 
+@serialized
 def synchronize():
     """Wait until everything queued on `stream` has run."""
     stream.synchronize()
