@@ -767,14 +767,21 @@ def test_contract_is_the_ops_table(cu):
     """Every inference op of minidnn.ops.OPS, with the table's parameter names, and the
     memory/device names the runtime uses: exactly the package's __all__."""
     import inspect
+    from test_cuda_tensor import PENDING
     inference = {n: s for n, s in ops.OPS.items() if not s.grad}
+    # the OPTIONAL ops (CPU-only Winograd, host-side image ops) and the convolution
+    # family still pending on another branch (test_cuda_tensor.PENDING) may be absent
+    absent = {n for n in inference if not hasattr(cu, n)}
+    assert absent <= set(ops.OPTIONAL) | set(PENDING), absent - set(ops.OPTIONAL) - set(PENDING)
     for name, spec in inference.items():
+        if name in absent:
+            continue
         params = tuple(inspect.signature(getattr(cu, name)).parameters)
         assert params == spec.args, (name, params, spec.args)
     extra = {"name", "array_type", "empty", "asarray", "to_numpy", "upload", "copy",
              "synchronize", "capture", "Graph", "stream", "context", "device", "CudaMemoryError",
-             "load_kernels", "set_conv_route", "conv_route", "use_cudnn"}
-    assert set(cu.__all__) == set(inference) | extra
+             "load_kernels", "set_conv_route", "conv_route", "use_cudnn", "view", "storage"}
+    assert set(cu.__all__) == (set(inference) - absent) | extra
     assert all(hasattr(cu, n) for n in cu.__all__)
     g = cu.empty((2,))
     with pytest.raises(NotImplementedError, match="training"):

@@ -28,6 +28,9 @@ WHAT THIS PACKAGE REPRESENTS
     routing.py   own kernels vs cuDNN per convolution shape (set_conv_route,
                  conv_route, use_cudnn; cuDNN itself is backends/cudnn/)
     ops.py       the ops: per-shape plans and launches
+    tensor_ops.py  the catalogue's tensor and routing ops (mul_scalar, mul, scale_channels,
+                 copy_range, l2normalize, reorg, resize_bilinear), add's zero-padded
+                 plan, views at offsets (view, storage: concat's zero copy)
     graph.py     CUDA graph capture (capture, Graph)
 """
 from .gpu import context, device, stream
@@ -36,6 +39,8 @@ from .kernels import load_kernels
 from .memory import CudaMemoryError, asarray, copy, empty, synchronize, to_numpy, upload
 from .ops import activation, add, affine, avg_pool, conv2d, conv2d_residual, fc, max_pool, softmax
 from .routing import conv_route, set_conv_route, use_cudnn
+from .tensor_ops import (copy_range, l2normalize, mul, mul_scalar, reorg, resize_bilinear,
+                         scale_channels, storage, view)
 
 from pycuda.gpuarray import GPUArray as array_type  # noqa: E402  (gpu.py has checked PyCUDA)
 
@@ -45,9 +50,13 @@ __all__ = [
     # the ops (every inference op of minidnn.ops.OPS)
     "activation", "add", "affine", "avg_pool", "conv2d", "conv2d_residual", "fc", "max_pool",
     "softmax",
-    # the backend's identity and memory
+    # the catalogue's tensor and routing ops (tensor_ops.py)
+    "mul_scalar", "mul", "scale_channels", "copy_range", "l2normalize", "reorg",
+    "resize_bilinear",
+    # the backend's identity and memory; view/storage: arrays at offsets into others
+    # (concat's zero copy, core.Plan.alias)
     "name", "array_type", "empty", "asarray", "to_numpy", "upload", "copy", "synchronize",
-    "CudaMemoryError",
+    "CudaMemoryError", "view", "storage",
     # the device, graphs, kernels, convolution routing
     "device", "context", "stream", "capture", "Graph", "load_kernels",
     "set_conv_route", "conv_route", "use_cudnn",
