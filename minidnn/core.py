@@ -798,17 +798,21 @@ class Plan:
         return hasattr(self.backend, op)
 
     def alias(self, old, new):
-        """Make buffer ``old`` live inside ``new`` (a C-contiguous NumPy array of old's shape,
+        """Make buffer ``old`` live inside ``new`` (a C-contiguous array of old's shape,
         e.g. a slice of a larger output): every step argument, tag and node output that is
         old's storage or a view of it becomes the same view of ``new``, so the steps that
         wrote ``old`` now write ``new`` and those that read it read ``new``. Returns whether it
-        did: it refuses (changing nothing) unless both are NumPy arrays, ``old`` covers the
-        whole of its storage (the buffer or a full view of it), that storage is not the
-        program's input and does not overlap ``new``, and every view of it is C-contiguous.
+        did: it refuses (changing nothing) unless both are NumPy arrays, or both arrays of a
+        device backend that has ``storage`` and ``view`` (the CUDA backend: GPUArrays at
+        pointer offsets, see _alias_device), ``old`` covers the whole of its storage (the
+        buffer or a full view of it), that storage is not the program's input and does not
+        overlap ``new``, and every view of it is C-contiguous.
         (A step that keeps a buffer elsewhere than in its arguments, in a closure say, would
         not be rewritten: steps pass their buffers as arguments.)"""
         if not isinstance(old, np.ndarray) or not isinstance(new, np.ndarray):
-            return False
+            if isinstance(old, np.ndarray) or isinstance(new, np.ndarray):
+                return False
+            return self._alias_device(old, new)
         base = old if old.base is None else old.base
         if not isinstance(base, np.ndarray) or base.size != old.size or old.shape != new.shape \
                 or old.dtype != new.dtype or not new.flags.c_contiguous \
@@ -838,6 +842,59 @@ class Plan:
         self.tags.update({k: sub(a) for k, a in self.tags.items()})
         self.outputs[:] = [(n, sub(a)) for n, a in self.outputs]
         return True
+
+    def _alias_device(self, old, new):
+        """alias() for a device backend's arrays: the backend's ``storage(a)`` gives the
+        allocation that owns a's memory and a's offset in it (elements), ``view(a, offset,
+        shape)`` a C-contiguous array of ``shape`` starting ``offset`` elements into a (a
+        pointer offset: no copy). Two allocations never overlap, so ``old``'s storage
+        overlaps ``new`` only when it is new's own storage."""
+        be = self.backend
+        storage, view = getattr(be, "storage", None), getattr(be, "view", None)
+        kind = getattr(be, "array_type", None)
+        if storage is None or view is None or kind is None \
+                or not isinstance(old, kind) or not isinstance(new, kind):
+            return False
+        base, off = storage(old)
+        if off != 0 or base.size != old.size or tuple(old.shape) != tuple(new.shape) \
+                or old.dtype != new.dtype or not new.flags.c_contiguous \
+                or storage(new)[0] is base:
+            return False
+        if self.outputs:
+            inp = self.outputs[0][1]
+            if isinstance(inp, kind) and storage(inp)[0] is base:
+                return False
+
+        def mine(a):
+            return isinstance(a, kind) and storage(a)[0] is base
+
+        refs = [a for _, args in self.steps for a in args if mine(a)]
+        refs += [a for a in self.tags.values() if mine(a)] + [a for _, a in self.outputs if mine(a)]
+        if not all(a.flags.c_contiguous and a.dtype == base.dtype for a in refs):
+            return False
+
+        def sub(a):
+            return view(new, storage(a)[1], a.shape) if mine(a) else a
+
+        self.steps[:] = [(fn, tuple(sub(a) for a in args)) for fn, args in self.steps]
+        self.tags.update({k: sub(a) for k, a in self.tags.items()})
+        self.outputs[:] = [(n, sub(a)) for n, a in self.outputs]
+        return True
+
+    def view(self, a, offset, shape):
+        """A C-contiguous view of ``shape`` starting ``offset`` elements into the
+        C-contiguous array ``a`` (NumPy, or the device backend's ``view``: no copy)."""
+        shape = tuple(int(s) for s in shape)
+        if isinstance(a, np.ndarray):
+            size = int(np.prod(shape, dtype=np.int64))
+            return a.reshape(-1)[offset:offset + size].reshape(shape)
+        return self.backend.view(a, offset, shape)
+
+    def can_view(self):
+        """Whether this plan's arrays can be viewed at offsets (view(), alias()): always on
+        the CPU, on a device where the backend has ``view`` and ``storage``."""
+        return self.device == "cpu" or (hasattr(self.backend, "view")
+                                        and hasattr(self.backend, "storage"))
 
     def param(self, a):
         """The backend's view of host parameter array ``a`` (the array itself on the CPU)."""

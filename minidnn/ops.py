@@ -190,7 +190,10 @@ _op("affine: x gamma beta -> y; act",
 _op("activation: x -> y; act",
     "y = act(x) elementwise; y may be x.")
 _op("add: a b -> y; act",
-    "y = act(a + b) (same shapes); y may be a or b.")
+    "y = act(a + b) (same shapes); y may be a or b. The CUDA backend also takes (N,K,R,C) "
+    "operands of other shapes than y, each index of y an operand lacks counting as 0 in it "
+    "(dlib's zero-padded tt::add, add_prev_; y then overlaps neither; the CPU's add_prev_ "
+    "does that case in NumPy).")
 _op("max_pool: x -> y; nr nc stride_y stride_x pad_y pad_x",
     "y = max over the in-bounds part of each nr x nc window of x (padding never counts).")
 _op("avg_pool: x -> y; nr nc stride_y stride_x pad_y pad_x",

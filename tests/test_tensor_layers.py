@@ -29,17 +29,6 @@ def rand(*shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def _on(device, fn):
-    """fn(); on "cuda" a missing kernel skips the test (the CUDA kernels of these layers
-    belong to the GPU issue)."""
-    try:
-        return fn()
-    except NotImplementedError as e:
-        if device == "cuda":
-            pytest.skip(f"the CUDA backend has no kernel for this layer yet: {e}")
-        raise
-
-
 class Case(NamedTuple):
     id: str
     make: Callable          # make(subnet) -> net
@@ -120,14 +109,14 @@ def _net(case, seed=0, batch=None):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_forward_fused_and_reloaded(case, device):
     net, x = _net(case)
-    _on(device, lambda: check_forward(net, x, device))
+    check_forward(net, x, device)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_batch_sizes(case, batch, device):
     net, x = _net(case, batch=batch)
-    _on(device, lambda: check_forward(net, x, device, fuse=False, reload=False))
+    check_forward(net, x, device, fuse=False, reload=False)
 
 
 @pytest.fixture

@@ -101,7 +101,7 @@ class add_prev_(_numbered):
     below. As dlib's add_prev_ (tt::add), the two may differ in shape: the output takes the
     larger of each dimension, an element one of them lacks counting as 0 (the shortcut of a
     downsampling ResNet block, as in dlib's face descriptor). Equal shapes are the fast
-    path; different ones run on the CPU only."""
+    path; different ones are NumPy on the CPU, ops.add's zero-padded kernel on a device."""
 
     prefix = "add_prev"
     record = "add_prev_1"
@@ -118,10 +118,11 @@ class add_prev_(_numbered):
             y = plan.empty(x.shape)
             plan.step(ops.add, x, t, y, IDENTITY)
             return y
-        if plan.device != "cpu":
-            raise ShapeError(f"the input {tuple(x.shape)} and tag{self.id}'s output {tuple(t.shape)} "
-                             f"differ in shape: dlib's zero-padded add runs on the CPU only for now")
         y = plan.empty(self._shape(t, x))
+        if plan.device != "cpu":
+            # a device's add takes operands of other shapes (zero padded, act epilogue)
+            plan.step(ops.add, x, t, y, IDENTITY)
+            return y
         plan.steps.append((_padded_add, (x, t, y)))
         plan.specs.append(None)
         return y
@@ -392,17 +393,28 @@ class concat_(Layer):
         shape = self._shape(self._tagged(plan.tags))
         y = plan.empty(shape)
         cpu = isinstance(y, np.ndarray)
+        views = plan.can_view()
         plane, k0 = shape[2] * shape[3], 0
         for i in self.ids:
             t = plan.tags[i]              # read again: an alias below may have replaced it
             kt = t.shape[1]
-            part = y[:, k0:k0 + kt] if cpu else None
+            if cpu:
+                part = y[:, k0:k0 + kt]
+            elif views and (shape[0] == 1 or kt == shape[1]):
+                # a device (CUDA: a GPUArray at a pointer offset into y) where the slice is
+                # contiguous: batch 1, or a single tag
+                part = plan.view(y, k0 * plane, t.shape)
+            else:
+                # not contiguous (batch > 1), or a device without views: copied
+                part = None
             if part is None or not part.flags.c_contiguous or not plan.alias(t, part):
                 plan.step(ops.copy_range, t, y, 0, k0 * plane, kt * plane)
             k0 += kt
-        # On the CPU the output is a view of y, so that no later rewrite (fuse_activation,
+        # The output is a view of y, so that no later rewrite (fuse_activation,
         # fuse_residual) mistakes the producer of the last slice for the producer of it all.
-        return y[...] if cpu else y
+        if cpu:
+            return y[...]
+        return plan.view(y, 0, shape) if views else y
 
     # -- training ---------------------------------------------------------
     def forward_train(self, ctx, x):

@@ -310,6 +310,8 @@ class extract_(Layer):
             # a contiguous part of the input: the output is a view, no copy
             return x.reshape(n, d)[:, self.offset:self.offset + self.count].reshape(
                 self._out_shape(x))
+        if plan.device != "cpu" and (n == 1 or self.count == d) and plan.can_view():
+            return plan.view(x, self.offset, self._out_shape(x))    # a device view: no copy
         y = plan.empty(self._out_shape(x))
         plan.step(ops.copy_range, x, y, self.offset, 0, self.count)
         return y

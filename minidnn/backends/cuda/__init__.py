@@ -34,6 +34,9 @@ WHAT THIS PACKAGE REPRESENTS
                  resize_image_u8; image_pyramid, the pyramid input layers' whole tensor
                  built on the GPU from the uint8 images); image_geometry.py their
                  per-shape resize tables (GPU-free)
+    tensor_ops.py  the catalogue's tensor and routing ops (mul_scalar, mul, scale_channels,
+                 copy_range, l2normalize, reorg, resize_bilinear), add's zero-padded
+                 plan, views at offsets (view, storage: concat's zero copy)
     graph.py     CUDA graph capture (capture, Graph)
 """
 from .conv_family import conv2d_grouped, conv2d_transpose
@@ -44,6 +47,8 @@ from .kernels import load_kernels
 from .memory import CudaMemoryError, asarray, copy, empty, synchronize, to_numpy, upload
 from .ops import activation, add, affine, avg_pool, conv2d, conv2d_residual, fc, max_pool, softmax
 from .routing import conv_route, set_conv_route, use_cudnn
+from .tensor_ops import (copy_range, l2normalize, mul, mul_scalar, reorg, resize_bilinear,
+                         scale_channels, storage, view)
 
 from pycuda.gpuarray import GPUArray as array_type  # noqa: E402  (gpu.py has checked PyCUDA)
 
@@ -55,11 +60,15 @@ __all__ = [
     "softmax",
     # the convolution family (conv_family.py)
     "conv2d_grouped", "conv2d_transpose",
+    # the catalogue's tensor and routing ops (tensor_ops.py)
+    "mul_scalar", "mul", "scale_channels", "copy_range", "l2normalize", "reorg",
+    "resize_bilinear",
     # the OPTIONAL image ops of dlib's input layers, and their whole pyramid on the GPU
     "tiled_pyramid", "resize_image_u8", "image_pyramid",
-    # the backend's identity and memory
+    # the backend's identity and memory; view/storage: arrays at offsets into others
+    # (concat's zero copy, core.Plan.alias); begin_run/end_run: one forward at a time
     "name", "array_type", "empty", "asarray", "to_numpy", "upload", "copy", "synchronize",
-    "CudaMemoryError", "begin_run", "end_run",
+    "CudaMemoryError", "view", "storage", "begin_run", "end_run",
     # the device, graphs, kernels, convolution routing
     "device", "context", "stream", "capture", "Graph", "load_kernels",
     "set_conv_route", "conv_route", "use_cudnn",

@@ -25,6 +25,7 @@ from . import routing
 from .autotune import CONV_CFGS, FC_CFGS, GemmPlan, gemm_candidates, pick_gemm, run_gemm, time_call
 from .kernels import Kernel, act_args, blocks, plans
 from .memory import aligned16, asarray, ptr
+from .tensor_ops import SOFTMAX_BLOCK_ROWS, add_padded_plan, softmax_rows_plan
 
 
 def _check(cond, what):
@@ -280,13 +281,20 @@ def activation(x, y, act):
 
 
 def add(a, b, y, act):
-    """y = act(a + b) (same shapes); y may be a or b."""
+    """y = act(a + b); y may be a or b (same shapes). Operands of other (N,K,R,C) shapes than
+    y: each index of y an operand lacks counts as 0 in it (dlib's zero-padded tt::add,
+    add_prev_; tensor_ops.add_padded_plan); y then shares memory with neither."""
     vec_ok = aligned16(a, b, y)
-    key = ("add", a.size, b.size, y.size, act, vec_ok)
+    key = ("add", a.shape, b.shape, y.shape, act, vec_ok)
     p = plans.get(key)
     if p is None:
         code, ap = act_args(act, "add")
-        _check(a.size == b.size == y.size, f"add: sizes differ {a.shape} {b.shape} {y.shape}")
+        if not tuple(a.shape) == tuple(b.shape) == tuple(y.shape) and \
+                len({tuple(t.shape) + (1,) * (4 - len(t.shape)) for t in (a, b, y)}) != 1:
+            p = plans[key] = add_padded_plan(a, b, y, code, ap)
+            if p.args[0]:
+                p.k(a.gpudata, b.gpudata, y.gpudata, *p.args)
+            return
         for t, lab in ((a, "a"), (b, "b"), (y, "y")):
             _f32c(t, "add " + lab)
         n = int(a.size)
@@ -358,7 +366,10 @@ def softmax(x, y):
         N, K = shp[0], shp[1]
         RC = int(np.prod(shp[2:]))
         p = _EltPlan()
-        if RC == 1:
+        if RC == 1 and K >= SOFTMAX_BLOCK_ROWS:
+            # long rows (softmax_all): tensor.cu's softmax_rows_block, a block per row
+            p = softmax_rows_plan(N, K)
+        elif RC == 1:
             # softmax.cu: softmax_rows(x, y, N, K)
             p.k = Kernel("softmax", "softmax_rows", (blocks(N, 8),), (256,))
             p.args = (N, K)

@@ -37,7 +37,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-FAMILIES = ("conv", "gemm", "pool", "eltwise", "softmax", "conv_family", "image")
+FAMILIES = ("conv", "gemm", "pool", "eltwise", "softmax", "conv_family", "image", "tensor")
 NVCC_OPTIONS = ("-O3",)          # what kernels.py gives SourceModule (besides -arch and -I)
 
 
