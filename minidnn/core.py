@@ -40,6 +40,7 @@ def structure_changed():
 # one lock; running is not. Each thread remembers its last few programs, which is
 # where get_output() finds a node's output.
 _build_lock = threading.RLock()
+_no_lock = contextlib.nullcontext()
 _tls = threading.local()
 _RECENT = 8
 
@@ -613,8 +614,11 @@ class Node:
                 del progs[k]
             while len(progs) >= 4:
                 del progs[next(iter(progs))]
-            with _build_lock:            # setup allocates parameters: one builder at a time
-                prog = Program(self, shape, ops.backend(self._device), self._uploads(), self._graphs)
+            be = ops.backend(self._device)
+            # setup allocates parameters: one builder at a time; a device backend's own
+            # lock first (backends/cuda/gpu.py: run_lock, then _build_lock)
+            with getattr(be, "run_lock", _no_lock), _build_lock:
+                prog = Program(self, shape, be, self._uploads(), self._graphs)
             if prog.revision == _revision[0]:
                 progs[(shape, self._device, prog.revision)] = prog
         return prog

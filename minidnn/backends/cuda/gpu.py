@@ -67,23 +67,40 @@ except Exception as _e:
 # `stream`, which a forward captures into a CUDA graph the first time: another thread's
 # copy or launch on it meanwhile would land inside that graph (or fail the capture). So a
 # forward's launches and its output's download, and every memory call of memory.py, run
-# under `run_lock` (re-entrant), after make_current() has pushed the backend's context in
-# the calling thread (once per thread). Forwards from many threads are thereby serialised
-# on the GPU, which runs one stream's work in order anyway.
+# under `run_lock` (re-entrant), with the backend's context current: a thread that has no
+# current context gets ours pushed for the duration and popped after (PyCUDA aborts the
+# process when a thread exits with a context still pushed). Forwards from many threads
+# are thereby serialised on the GPU, which runs one stream's work in order anyway. Lock
+# order: run_lock before core's _build_lock (core.Node._program takes both so).
 import threading  # noqa: E402
 
 run_lock = threading.RLock()
 _tl = threading.local()
 
 
-def make_current():
-    """Make the backend's context current in the calling thread (a no-op after the first
-    call in a thread, and in the thread that imported the backend)."""
-    if getattr(_tl, "current", False):
-        return
-    if drv.Context.get_current() is None:
-        context.push()
-    _tl.current = True
+def _enter():
+    """Take run_lock and make the context current in this thread (see above)."""
+    run_lock.acquire()
+    depth = getattr(_tl, "depth", 0)
+    if depth == 0:
+        _tl.pushed = drv.Context.get_current() is None
+        if _tl.pushed:
+            try:
+                context.push()
+            except BaseException:
+                run_lock.release()
+                raise
+    _tl.depth = depth + 1
+
+
+def _exit():
+    _tl.depth -= 1
+    try:
+        if _tl.depth == 0 and _tl.pushed:
+            _tl.pushed = False
+            drv.Context.pop()
+    finally:
+        run_lock.release()
 
 
 def serialized(fn):
@@ -92,20 +109,21 @@ def serialized(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with run_lock:
-            make_current()
+        _enter()
+        try:
             return fn(*args, **kwargs)
+        finally:
+            _exit()
     return wrapper
 
 
 def begin_run():
     """Before a compiled forward's launches (core.Program.run): see run_lock."""
-    run_lock.acquire()
-    make_current()
+    _enter()
 
 
 def end_run():
-    run_lock.release()
+    _exit()
 
 
 SM_COUNT = device.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
