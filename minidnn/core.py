@@ -616,8 +616,8 @@ class Node:
                 del progs[next(iter(progs))]
             be = ops.backend(self._device)
             # setup allocates parameters: one builder at a time; a device backend's own
-            # lock first (backends/cuda/gpu.py: run_lock, then _build_lock)
-            with getattr(be, "run_lock", _no_lock), _build_lock:
+            # lock first, its context current (backends/cuda/gpu.py: run_lock, then _build_lock)
+            with getattr(be, "exclusive", _no_lock), _build_lock:
                 prog = Program(self, shape, be, self._uploads(), self._graphs)
             if prog.revision == _revision[0]:
                 progs[(shape, self._device, prog.revision)] = prog

@@ -780,7 +780,7 @@ def test_contract_is_the_ops_table(cu):
     extra = {"name", "array_type", "empty", "asarray", "to_numpy", "upload", "copy",
              "synchronize", "capture", "Graph", "stream", "context", "device", "CudaMemoryError",
              "load_kernels", "set_conv_route", "conv_route", "use_cudnn", "image_pyramid",
-             "begin_run", "end_run", "run_lock", "view", "storage"}
+             "begin_run", "end_run", "run_lock", "exclusive", "view", "storage"}
     assert set(cu.__all__) == (set(inference) - absent) | extra
     assert all(hasattr(cu, n) for n in cu.__all__)
     g = cu.empty((2,))

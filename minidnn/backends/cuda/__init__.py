@@ -40,7 +40,7 @@ WHAT THIS PACKAGE REPRESENTS
     graph.py     CUDA graph capture (capture, Graph)
 """
 from .conv_family import conv2d_grouped, conv2d_transpose
-from .gpu import begin_run, context, device, end_run, run_lock, stream
+from .gpu import begin_run, context, device, end_run, exclusive, run_lock, stream
 from .graph import Graph, capture
 from .image_ops import image_pyramid, resize_image_u8, tiled_pyramid
 from .kernels import load_kernels
@@ -68,7 +68,7 @@ __all__ = [
     # the backend's identity and memory; view/storage: arrays at offsets into others
     # (concat's zero copy, core.Plan.alias); begin_run/end_run: one forward at a time
     "name", "array_type", "empty", "asarray", "to_numpy", "upload", "copy", "synchronize",
-    "CudaMemoryError", "view", "storage", "begin_run", "end_run", "run_lock",
+    "CudaMemoryError", "view", "storage", "begin_run", "end_run", "run_lock", "exclusive",
     # the device, graphs, kernels, convolution routing
     "device", "context", "stream", "capture", "Graph", "load_kernels",
     "set_conv_route", "conv_route", "use_cudnn",

@@ -117,6 +117,22 @@ def serialized(fn):
     return wrapper
 
 
+class _Exclusive:
+    """``with exclusive:`` run_lock held and the context current (core builds a device
+    program so: its plans compile kernels and allocate)."""
+
+    def __enter__(self):
+        _enter()
+        return self
+
+    def __exit__(self, *exc):
+        _exit()
+        return False
+
+
+exclusive = _Exclusive()
+
+
 def begin_run():
     """Before a compiled forward's launches (core.Program.run): see run_lock."""
     _enter()
