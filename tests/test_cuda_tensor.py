@@ -675,14 +675,16 @@ def _twice(s):
 
 
 @gpu
-@pytest.mark.parametrize("make, copies1", [(_inception, 0), (_dense, 0), (_relu_concat, 0),
+@pytest.mark.parametrize("make, copies1", [(_inception, 0), (_dense, 1), (_relu_concat, 0),
                                            (_twice, 1)],
                          ids=["inception", "dense", "relu", "tag-twice"])
 @pytest.mark.parametrize("graphs", [True, False])
 def test_concat_producers_write_into_their_slice_on_the_gpu(make, copies1, graphs):
     """At batch 1 the producers write straight into the concatenation on the GPU too
-    (core.Plan.alias with GPUArray views): no copy_range; at batch 3 the slices are not
-    contiguous and are copied. Every node's output equals the CPU's."""
+    (core.Plan.alias with GPUArray views): no copy_range, except where a concat's output
+    feeds another concat (dense: the inner one is copied, core.Plan._alias_device); at
+    batch 3 the slices are not contiguous and are copied. Every node's output equals the
+    CPU's."""
     dnn.set_seed(0)
     net = make(dnn.input_tensor())
     for batch in (1, 3):

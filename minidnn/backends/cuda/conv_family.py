@@ -297,7 +297,7 @@ def _transpose_plan(x, w, b, y, sy, sx, py, px, act):
     cands = {}
     for name, FT in TCONV_FT.items():
         gy = -(-F // FT)
-        if gy > _MAX_GRID_YZ or (FT > 1 and F < FT // 2):
+        if gy > _MAX_GRID_YZ or (FT > 1 and F < FT // 2 and force_kernel != name):
             continue
 
         def make(name=name, gy=gy):
