@@ -71,6 +71,9 @@ ELT_GRAIN = 1 << 15                # eltwise.pyx / grad.pyx: GRAIN (per thread)
 SOFTMAX_CHUNK = 256                # eltwise.pyx: _softmax_cols
 
 SILU = ops.act_by_name("silu")
+LEAKY = ops.act_by_name("leaky_relu", 0.1)
+CLIPPED = ops.act_by_name("clipped_relu", 0.5)   # low: the clip is hit
+SMELU = ops.act_by_name("smelu", 0.7)
 AVX2 = _cpu_conv._have_avx2()
 EXAMPLES = int(os.environ.get("MINIDNN_EDGE_EXAMPLES", "60"))
 
@@ -217,6 +220,15 @@ def _check_conv(case, data=None):
     y[...] = np.nan
     cpu.conv2d(x, w, b, y, sy, sx, py, px, SILU)
     REF.assert_close(y, REF.activation(bref, SILU))
+    # the activations applied to the accumulators in registers (gemm_avx2.h's
+    # mdnn_act_ps), the residual included: every lane of every tile edge
+    for act, pre in ((LEAKY, bref), (CLIPPED, bref + z), (SMELU, ref)):
+        y[...] = np.nan
+        if act is CLIPPED:
+            cpu.conv2d_residual(x, w, b, z, y, sy, sx, py, px, act)
+        else:
+            cpu.conv2d(x, w, b if act is LEAKY else None, y, sy, sx, py, px, act)
+        REF.assert_close(y, REF.activation(pre, act))
 
 
 # -------------------------------------------------------- conv2d cases
