@@ -46,7 +46,7 @@ one thread in a fixed order). Workspace: one grow-only buffer (workspace.pxi).
 include "check.pxi"
 include "act.pxi"
 
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm
 
 cdef extern from *:
@@ -72,6 +72,9 @@ cdef extern from *:
         int vec;                 /* 0: the scalar loop for every column */
         int pad;                 /* 1: the padded-plane variant (vec only) */
         int Rp, Wb;              /* its buffer: Rp rows of Wb floats */
+        int Hb;                  /* 3x3 stride 2: each buffer row is the padded row's even
+                                  * columns [0, Hb) then its odd ones [Hb, 2 Hb = Wb) */
+        long planes, ppt;        /* N F planes; planes per parallel task */
         float* ws;               /* per-thread slots of ws_per floats: a 16-float header
                                   * (the plane held), then the Rp x Wb buffer */
         long ws_per;
@@ -216,6 +219,137 @@ cdef extern from *:
     }
     #endif
 
+    #if MDNN_DW_AVX2
+    /* the input plane xp (R x C) into the interior of this thread's padded buffer (its
+     * borders were zeroed once per call and are never written); deint: the 3x3 stride-2
+     * layout, padded column q in row half q % 2 at q / 2 */
+    static inline void mdnn_dw_fill(const mdnn_dw_t* d, const float* xp, float* buf, const int deint)
+    {
+        const int R = d->R, C = d->C, Wb = d->Wb, py = d->py, px = d->px, Hb = d->Hb;
+        int r, c, k;
+        for (r = 0; r < R; r++) {
+            const float* xr = xp + (long)r * C;
+            float* br = buf + (long)(py + r) * Wb;
+            if (!deint) {
+                br += px;
+                for (c = 0; c + 8 <= C; c += 8)
+                    _mm256_storeu_ps(br + c, _mm256_loadu_ps(xr + c));
+                for (; c < C; c++)
+                    br[c] = xr[c];
+            } else {
+                /* x[2k] and x[2k+1] land at padded columns 2k + px and 2k + 1 + px */
+                float* ev = br + ((px & 1) ? Hb + (px - 1) / 2 : px / 2);
+                float* od = br + ((px & 1) ? (px + 1) / 2 : Hb + px / 2);
+                for (c = 0, k = 0; c + 16 <= C; c += 16, k += 8) {
+                    __m256 L = _mm256_loadu_ps(xr + c), H = _mm256_loadu_ps(xr + c + 8);
+                    __m256 e = _mm256_shuffle_ps(L, H, _MM_SHUFFLE(2, 0, 2, 0));
+                    __m256 o = _mm256_shuffle_ps(L, H, _MM_SHUFFLE(3, 1, 3, 1));
+                    _mm256_storeu_ps(ev + k, _mm256_castpd_ps(_mm256_permute4x64_pd(
+                                                 _mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0))));
+                    _mm256_storeu_ps(od + k, _mm256_castpd_ps(_mm256_permute4x64_pd(
+                                                 _mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0))));
+                }
+                for (; c < C; c++) {
+                    if (c & 1) od[c >> 1] = xr[c];
+                    else ev[c >> 1] = xr[c];
+                }
+            }
+        }
+    }
+
+    /* one (sample, output channel) plane of a 3x3 filter (column stride SX = 1 or 2,
+     * column dilation 1, any row stride/dilation) from the padded buffer: the nine taps,
+     * the bias and the activation parameter in registers for the whole plane; per block
+     * of 8 output columns 9 unaligned loads (stride 2: from the de-interleaved rows, taps
+     * E[ox], O[ox], E[ox + 1]) and 9 multiply-adds in 3 chains (one per window row,
+     * summed at the end: the same order as before, so the same bits); ACT (a compile-time
+     * code: identity or a cheap one) applied in registers, the transcendental ones over
+     * the finished rows (mdnn_act_array, ~1024 floats at a time, still in L1). A block
+     * whose 8 lanes stay inside the plane is stored whole: lanes past the row's end land
+     * on the next row's first columns, which are computed (overwritten) next; only the
+     * plane's last block goes through a small buffer. */
+    static inline __attribute__((always_inline)) void
+    mdnn_dw_plane33(const mdnn_dw_t* d, long plane, int tid, const int SX, const int ACT)
+    {
+        const int Ro = d->Ro, Co = d->Co, Wb = d->Wb, SY = d->sy, DY = d->dy;
+        const int f = (int)(plane % d->F), n = (int)(plane / d->F);
+        const float* xp = d->x + ((long)n * d->K + f / d->m) * (long)d->R * d->C;
+        const float* w = d->w + (long)f * 9;
+        float* yp = d->y + plane * (long)Ro * Co;
+        const long size = (long)Ro * Co;
+        float* slot = d->ws + (long)tid * d->ws_per;
+        float* buf = slot + 16;
+        const long key = (long)n * d->K + f / d->m;
+        const long o2 = SX == 2 ? d->Hb : 1;       /* the second tap's offset */
+        const long o3 = SX == 2 ? 1 : 2;           /* the third's */
+        /* a transcendental: after the rows */
+        const int late = ACT == MDNN_ACT_IDENTITY && d->act != MDNN_ACT_IDENTITY;
+        long held, pend = 0;
+        int oy, ox, c;
+        memcpy(&held, slot, sizeof held);
+        if (held != key) {
+            mdnn_dw_fill(d, xp, buf, SX == 2);
+            memcpy(slot, &key, sizeof key);
+        }
+        {
+            const __m256 w0 = _mm256_broadcast_ss(w), w1 = _mm256_broadcast_ss(w + 1);
+            const __m256 w2 = _mm256_broadcast_ss(w + 2), w3 = _mm256_broadcast_ss(w + 3);
+            const __m256 w4 = _mm256_broadcast_ss(w + 4), w5 = _mm256_broadcast_ss(w + 5);
+            const __m256 w6 = _mm256_broadcast_ss(w + 6), w7 = _mm256_broadcast_ss(w + 7);
+            const __m256 w8 = _mm256_broadcast_ss(w + 8);
+            const __m256 bb = _mm256_set1_ps(d->b ? d->b[f] : 0.0f);
+            const float ap = d->act_p;
+            for (oy = 0; oy < Ro; oy++) {
+                const float* r0 = buf + (long)oy * SY * Wb;
+                const float* r1 = r0 + (long)DY * Wb;
+                const float* r2 = r1 + (long)DY * Wb;
+                float* yr = yp + (long)oy * Co;
+                const long room = size - (long)oy * Co;   /* floats left in the plane from yr */
+                for (ox = 0; ox < Co; ox += MDNN_DW_W) {
+                    const float* p0 = r0 + ox;             /* SX == 2: E + ox */
+                    const float* p1 = r1 + ox;
+                    const float* p2 = r2 + ox;
+                    __m256 a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p0), bb);
+                    __m256 a1 = _mm256_mul_ps(w3, _mm256_loadu_ps(p1));
+                    __m256 a2 = _mm256_mul_ps(w6, _mm256_loadu_ps(p2));
+                    a0 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p0 + o2), a0);
+                    a1 = _mm256_fmadd_ps(w4, _mm256_loadu_ps(p1 + o2), a1);
+                    a2 = _mm256_fmadd_ps(w7, _mm256_loadu_ps(p2 + o2), a2);
+                    a0 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(p0 + o3), a0);
+                    a1 = _mm256_fmadd_ps(w5, _mm256_loadu_ps(p1 + o3), a1);
+                    a2 = _mm256_fmadd_ps(w8, _mm256_loadu_ps(p2 + o3), a2);
+                    a0 = _mm256_add_ps(_mm256_add_ps(a0, a1), a2);
+                    if (ACT != MDNN_ACT_IDENTITY)
+                        a0 = mdnn_act8(ACT, a0, ap);
+                    if (ox + MDNN_DW_W <= room) {
+                        _mm256_storeu_ps(yr + ox, a0);
+                    } else {
+                        float tmp[MDNN_DW_W];
+                        _mm256_storeu_ps(tmp, a0);
+                        for (c = 0; c < Co - ox; c++)
+                            yr[ox + c] = tmp[c];
+                    }
+                }
+                if (late && ((oy + 1L) * Co - pend >= 1024 || oy == Ro - 1)) {
+                    mdnn_act_array(d->act, ap, yp + pend, yp + pend, (oy + 1L) * Co - pend);
+                    pend = (oy + 1L) * Co;
+                }
+            }
+        }
+    }
+
+    /* the in-register epilogues of mdnn_dw_plane33 (the rest: identity, then the array) */
+    #define MDNN_DW33_SWITCH(SX)                                                         \
+        switch (d->act) {                                                                \
+        case MDNN_ACT_RELU: mdnn_dw_plane33(d, p, t, SX, MDNN_ACT_RELU); break;          \
+        case MDNN_ACT_LEAKY_RELU:                                                        \
+        case MDNN_ACT_PRELU: mdnn_dw_plane33(d, p, t, SX, MDNN_ACT_LEAKY_RELU); break;   \
+        case MDNN_ACT_CLIPPED_RELU: mdnn_dw_plane33(d, p, t, SX, MDNN_ACT_CLIPPED_RELU); break; \
+        case MDNN_ACT_SMELU: mdnn_dw_plane33(d, p, t, SX, MDNN_ACT_SMELU); break;        \
+        default: mdnn_dw_plane33(d, p, t, SX, MDNN_ACT_IDENTITY);                        \
+        }
+    #endif
+
     /* one (sample, output channel) plane; NR, NC, SX, DX are compile-time constants in
      * the specialised instances below (HOIST: keep the NR*NC <= 9 taps in registers) */
     static inline __attribute__((always_inline)) void
@@ -250,16 +384,9 @@ cdef extern from *:
             const int Wb = d->Wb, Rp = d->Rp, py = d->py;
             long key = (long)n * d->K + f / d->m, held;
             memcpy(&held, slot, sizeof held);
+            (void)Rp; (void)py;
             if (held != key) {
-                int r;
-                memset(buf, 0, (size_t)py * Wb * sizeof(float));
-                for (r = 0; r < R; r++) {
-                    float* br = buf + (long)(py + r) * Wb;
-                    memset(br, 0, (size_t)px * sizeof(float));
-                    memcpy(br + px, xp + (long)r * C, (size_t)C * sizeof(float));
-                    memset(br + px + C, 0, (size_t)(Wb - px - C) * sizeof(float));
-                }
-                memset(buf + (long)(py + R) * Wb, 0, (size_t)(Rp - py - R) * Wb * sizeof(float));
+                mdnn_dw_fill(d, xp, buf, 0);
                 memcpy(slot, &key, sizeof key);
             }
             for (oy = 0; oy < Ro; oy++) {
@@ -319,8 +446,20 @@ cdef extern from *:
         }
     }
 
-    static void mdnn_dw_plane_3x3s1(const mdnn_dw_t* d, long p, int t) { mdnn_dw_plane_t(d, p, t, 3, 3, 1, 1, 1); }
-    static void mdnn_dw_plane_3x3s2(const mdnn_dw_t* d, long p, int t) { mdnn_dw_plane_t(d, p, t, 3, 3, 2, 1, 1); }
+    static void mdnn_dw_plane_3x3s1(const mdnn_dw_t* d, long p, int t)
+    {
+    #if MDNN_DW_AVX2
+        if (d->vec && d->pad) { MDNN_DW33_SWITCH(1) return; }
+    #endif
+        mdnn_dw_plane_t(d, p, t, 3, 3, 1, 1, 1);
+    }
+    static void mdnn_dw_plane_3x3s2(const mdnn_dw_t* d, long p, int t)
+    {
+    #if MDNN_DW_AVX2
+        if (d->vec && d->pad) { MDNN_DW33_SWITCH(2) return; }
+    #endif
+        mdnn_dw_plane_t(d, p, t, 3, 3, 2, 1, 1);
+    }
     static void mdnn_dw_plane_5x5s1(const mdnn_dw_t* d, long p, int t) { mdnn_dw_plane_t(d, p, t, 5, 5, 1, 1, 0); }
     static void mdnn_dw_plane_5x5s2(const mdnn_dw_t* d, long p, int t) { mdnn_dw_plane_t(d, p, t, 5, 5, 2, 1, 0); }
     static void mdnn_dw_plane_any(const mdnn_dw_t* d, long p, int t)
@@ -357,7 +496,8 @@ cdef extern from *:
         float act_p
         int vec
         int pad
-        int Rp, Wb
+        int Rp, Wb, Hb
+        long planes, ppt
         float* ws
         long ws_per
     ctypedef void (*mdnn_dw_fn)(const mdnn_dw_t*, long, int) noexcept nogil
@@ -455,6 +595,7 @@ def _dw_have_avx2():
 def _blocking():
     """The blocking constants of this module (tests/test_conv_family.py checks them)."""
     return dict(dw_block=MDNN_DW_W, dw_pad_max_bytes=DW_PAD_MAX_BYTES, gr_pw_bytes=GR_PW_BYTES,
+                dw_task_outputs=DW_TASK_OUTPUTS, dw_tasks_per_thread=DW_TASKS_PER_THREAD,
                 gr_min_pw=GR_MIN_PW, min_parallel_work=MIN_PARALLEL_WORK)
 
 
@@ -654,9 +795,15 @@ cdef struct DwRun:
     const mdnn_dw_t* d
 
 
-cdef void _dw_run(void* ctx, long p, int tid) noexcept nogil:
+cdef void _dw_run(void* ctx, long task, int tid) noexcept nogil:
+    # task: planes [task ppt, (task + 1) ppt)
     cdef const DwRun* r = <const DwRun*>ctx
-    r.fn(r.d, p, tid)
+    cdef long p = task * r.d.ppt, e = p + r.d.ppt
+    if e > r.d.planes:
+        e = r.d.planes
+    while p < e:
+        r.fn(r.d, p, tid)
+        p += 1
 
 
 cdef void _gr_task_run(void* ctx, long task, int tid) noexcept nogil:
@@ -678,16 +825,21 @@ cdef int _depthwise(const GArgs* a, int nt) except -1:
         nt = <int>planes
     if nt < 1:
         nt = 1
-    cdef isize nb = _ceil(a.Co, MDNN_DW_W)
-    d.Rp = a.R + 2 * a.py
-    d.Wb = <int>max(<isize>a.C + 2 * a.px, (nb * MDNN_DW_W - 1) * a.sx + (a.nc - 1) * a.dx + 1 + 8)
+    d.Rp, d.Wb, d.Hb = _dw_buffer(a.R, a.C, a.Co, a.nc, a.sy, a.sx, a.py, a.px, a.dx, which)
     d.pad = 1 if d.vec and _use_padded(<isize>d.Rp * d.Wb) else 0
     d.ws_per = (16 + <isize>d.Rp * d.Wb + 15) // 16 * 16 if d.pad else 0
+    d.planes = planes
+    d.ppt = _dw_ppt(planes, a.Ro * a.Co, nt)
+    cdef long ntasks = _ceil(planes, d.ppt)
+    if nt > ntasks:
+        nt = <int>ntasks
     cdef bint private = False
     cdef float* ws = _workspace_acquire(<size_t>(d.ws_per * nt), &private)
     cdef long none = -1
     d.ws = ws
     if d.pad:
+        # the buffers' borders are zero for the whole call (the fills write the interior)
+        memset(ws, 0, <size_t>(d.ws_per * nt) * sizeof(float))
         for t in range(nt):
             memcpy(ws + t * d.ws_per, &none, sizeof(long))      # no plane held yet
     try:
@@ -697,10 +849,39 @@ cdef int _depthwise(const GArgs* a, int nt) except -1:
                 for p in range(planes):
                     fn(&d, p, 0)
             else:
-                mdnn_parallel_for(planes, nt, _dw_run, &dw)
+                mdnn_parallel_for(ntasks, nt, _dw_run, &dw)
     finally:
         _workspace_release(ws, private)
     return 0
+
+
+# Depthwise tasks: runs of whole planes of at least DW_TASK_OUTPUTS outputs (small planes:
+# 14x14, 7x7 ... cost a claim of the shared counter each), while there are at least
+# DW_TASKS_PER_THREAD tasks per thread.
+cdef long DW_TASK_OUTPUTS = 2048
+cdef long DW_TASKS_PER_THREAD = 4
+
+
+cdef long _dw_ppt(long planes, long plane_size, int nt) noexcept nogil:
+    cdef long ppt = _ceil(DW_TASK_OUTPUTS, plane_size if plane_size > 0 else 1)
+    cdef long cap = planes // (DW_TASKS_PER_THREAD * nt) if nt > 1 else planes
+    if ppt > cap:
+        ppt = cap
+    return ppt if ppt >= 1 else 1
+
+
+cdef tuple _dw_buffer(isize R, isize C, isize Co, int nc, int sy, int sx, int py, int px, int dx,
+                      int which):
+    """(Rp, Wb, Hb): the padded plane's rows, row length, and (3x3 stride 2) half row."""
+    cdef isize nb = _ceil(Co, MDNN_DW_W), Hb = 0, Wb
+    if which == 2:
+        # de-interleaved: the padded row's even columns then its odd ones; a block of 8
+        # at ox reads E[ox .. ox + 8] and O[ox .. ox + 7]
+        Hb = max(_ceil(C + 2 * px, 2), nb * MDNN_DW_W + 1)
+        Wb = 2 * Hb
+    else:
+        Wb = max(C + 2 * px, (nb * MDNN_DW_W - 1) * sx + (nc - 1) * dx + 1 + 8)
+    return R + 2 * py, Wb, Hb
 
 
 def _dw_plan_for(x_shape, w_shape, int stride_y, int stride_x, int pad_y, int pad_x,
@@ -711,12 +892,22 @@ def _dw_plan_for(x_shape, w_shape, int stride_y, int stride_x, int pad_y, int pa
     F, _, nr, nc = w_shape
     Ro, Co = _geometry("_dw_plan_for", tuple(x_shape), tuple(w_shape), stride_y, stride_x,
                        pad_y, pad_x, dilation_y, dilation_x, K)
-    nb = -(-Co // MDNN_DW_W)
-    Rp = R + 2 * pad_y
-    Wb = max(C + 2 * pad_x, (nb * MDNN_DW_W - 1) * stride_x + (nc - 1) * dilation_x + 1 + 8)
+    variant = _depthwise_variant(nr, nc, stride_x, dilation_x)
+    which = ("any", "3x3s1", "3x3s2", "5x5s1", "5x5s2").index(variant)
+    Rp, Wb, Hb = _dw_buffer(R, C, Co, nc, stride_y, stride_x, pad_y, pad_x, dilation_x, which)
     vec = _dw_vec and mdnn_dw_have_avx2()
-    return dict(vec=bool(vec), padded=bool(vec and _use_padded(Rp * Wb)), Rp=Rp, Wb=Wb,
-                variant=_depthwise_variant(nr, nc, stride_x, dilation_x))
+    return dict(vec=bool(vec), padded=bool(vec and _use_padded(Rp * Wb)), Rp=Rp, Wb=Wb, Hb=Hb,
+                variant=variant)
+
+
+def _dw_tasks_for(x_shape, w_shape, int stride_y, int stride_x, int pad_y, int pad_x, int nt,
+                  int dilation_y=1, int dilation_x=1):
+    """The depthwise route's parallel split at nt threads: (planes per task, tasks)."""
+    Ro, Co = _geometry("_dw_tasks_for", tuple(x_shape), tuple(w_shape), stride_y, stride_x,
+                       pad_y, pad_x, dilation_y, dilation_x, x_shape[1])
+    planes = x_shape[0] * w_shape[0]
+    ppt = _dw_ppt(planes, Ro * Co, nt)
+    return ppt, -(-planes // ppt)
 
 
 def _depthwise_variant(int nr, int nc, int stride_x, int dilation_x):
