@@ -44,6 +44,7 @@ def _restore_settings():
     path = _cpu_depthwise._set_grouped_path("auto")
     vec = _cpu_depthwise._set_depthwise_vector(True)
     padded = _cpu_depthwise._set_depthwise_padded("auto")
+    pairs = _cpu_depthwise._set_depthwise_row_pairs(True)
     pw = _cpu_depthwise._set_pw_bytes(GR_PW_BYTES)
     tr = _cpu_conv._set_tr_col_bytes(TR_COL_BYTES)
     nt = cpu.get_num_threads()
@@ -51,6 +52,7 @@ def _restore_settings():
     _cpu_depthwise._set_grouped_path(path)
     _cpu_depthwise._set_depthwise_vector(vec)
     _cpu_depthwise._set_depthwise_padded(padded)
+    _cpu_depthwise._set_depthwise_row_pairs(pairs)
     _cpu_depthwise._set_pw_bytes(pw)
     _cpu_conv._set_tr_col_bytes(tr)
     cpu.set_num_threads(nt)
@@ -706,8 +708,10 @@ DW33_CASES = (
 
 
 @pytest.mark.parametrize("case", DW33_CASES, ids=lambda c: "_".join(map(str, c)))
-def test_depthwise_3x3_plane_loop(case):
+@pytest.mark.parametrize("pairs", [True, False])
+def test_depthwise_3x3_plane_loop(case, pairs):
     assert _cpu_depthwise._dw_plan_for(case[:1] + case[1:4], (case[4], 1) + case[5:7], *case[7:13])["padded"] == AVX2
+    _cpu_depthwise._set_depthwise_row_pairs(pairs)
     _check_grouped(case, DW_ROUTES[:3] if AVX2 else DW_ROUTES[2:3])
 
 
@@ -776,3 +780,28 @@ def test_depthwise_buffer_borders_between_calls():
         y = np.full((1, 2, Ro, Co), np.nan, np.float32)
         cpu.conv2d_grouped(x, w, None, y, s, s, 1, 1, 1, 1, 2, False)
         REF.assert_close(y, REF.conv2d_grouped(x, w, None, s, s, 1, 1, 1, 1, 2))
+
+
+@pytest.mark.skipif(not AVX2, reason="no AVX2 build")
+@pytest.mark.parametrize("case", [c for c in DW33_CASES if c[5:7] == (3, 3)][::3], ids=lambda c: "_".join(map(str, c)))
+def test_depthwise_3x3_plane_loop_equals_the_scalar_loop(case):
+    """The 3x3 plane loop sums each output in the scalar loop's order (the bias, then the
+    taps row by row): where the window lies inside the image the vector and scalar routes
+    agree bit for bit; at the border (the scalar loop skips the taps in the padding, the
+    vector one adds their zeros, and GCC fuses the scalar loop's border cases
+    differently) within the reference's tolerance."""
+    N, K, R_, C, F, nr, nc, sy, sx, py, px, dy, dx, g = case
+    rng = _rng(*case)
+    x = rng.standard_normal((N, K, R_, C)).astype(np.float32)
+    w = rng.standard_normal((F, 1, nr, nc)).astype(np.float32)
+    b = rng.standard_normal(F).astype(np.float32)
+    ys = []
+    for vec in (True, False):
+        _cpu_depthwise._set_depthwise_vector(vec)
+        ys.append(np.full((N, F, _out(R_, nr, sy, py, dy), _out(C, nc, sx, px, dx)), np.nan, np.float32))
+        cpu.conv2d_grouped(x, w, b, ys[-1], sy, sx, py, px, dy, dx, g, RELU6)
+    iy = np.arange(ys[0].shape[2]) * sy - py
+    ix = np.arange(ys[0].shape[3]) * sx - px
+    inside = ((iy >= 0) & (iy + 2 * dy < R_))[:, None] & ((ix >= 0) & (ix + 2 * dx < C))[None, :]
+    np.testing.assert_array_equal(ys[0][..., inside], ys[1][..., inside])
+    REF.assert_close(ys[0], ys[1].astype(np.float64))

@@ -8,12 +8,22 @@ sees the input channels of its group g = f // (F/groups). Two routes, chosen by
 _grouped_route (tests force each with _set_grouped_path):
 
   - depthwise (groups == K: one input channel per group, F = m K with a channel
-    multiplier m): no GEMM at all. One (sample, output channel) plane per OpenMP
-    iteration; each output row is computed in blocks of MDNN_DW_W = 8 columns in
+    multiplier m): no GEMM at all. Tasks of the parallel-for are runs of whole (sample,
+    output channel) planes (at least DW_TASK_OUTPUTS outputs a task while there are
+    DW_TASKS_PER_THREAD tasks a thread). 3x3 filters at column stride 1 or 2 (column
+    dilation 1) on the padded plane run mdnn_dw_plane33: the nine taps, the bias and
+    the activation parameter in registers for the whole plane, one FMA chain per block
+    of 8 outputs in the scalar loop's order, two output rows from four input rows at
+    row stride 1, stride 2 from buffer rows stored de-interleaved (the even padded
+    columns, then the odd ones: three plain loads per window row), the cheap
+    activations in registers and the transcendental ones (act_avx2.h) over ~1024
+    finished outputs, whole-vector stores. Otherwise each output row is computed in
+    blocks of MDNN_DW_W = 8 columns in
     AVX2 registers (4 independent accumulators: rows 2r and 2r + 1 of the
     window into two, a last odd row into the other two). The input plane is
     first copied into a zero-bordered per-thread buffer (once per input channel:
-    planes of a channel multiplier reuse it), so every block reads plain
+    planes of a channel multiplier reuse it; its rows 64-byte aligned, its borders
+    zeroed once a call), so every block reads plain
     unmasked loads (stride 2 as 16 loaded and de-interleaved floats, other
     strides as gathers); a plane whose buffer would pass DW_PAD_MAX_BYTES reads
     x in place instead, with masked loads (masked lanes are never read) for the
@@ -75,6 +85,7 @@ cdef extern from *:
         int Hb;                  /* 3x3 stride 2: each buffer row is the padded row's even
                                   * columns [0, Hb) then its odd ones [Hb, 2 Hb = Wb) */
         long planes, ppt;        /* N F planes; planes per parallel task */
+        int pairs;               /* 3x3 at row stride 1: two output rows at a time */
         float* ws;               /* per-thread slots of ws_per floats: a 16-float header
                                   * (the plane held), then the Rp x Wb buffer */
         long ws_per;
@@ -231,11 +242,16 @@ cdef extern from *:
             const float* xr = xp + (long)r * C;
             float* br = buf + (long)(py + r) * Wb;
             if (!deint) {
+                /* the last 1..7 floats: a masked load (the lanes past the row read as 0 and
+                 * are never read), stored whole onto the right padding, which stays 0
+                 * (Wb >= C + 2 px + 8: _dw_buffer) */
+                const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
                 br += px;
                 for (c = 0; c + 8 <= C; c += 8)
                     _mm256_storeu_ps(br + c, _mm256_loadu_ps(xr + c));
-                for (; c < C; c++)
-                    br[c] = xr[c];
+                if (c < C)
+                    _mm256_storeu_ps(br + c, _mm256_maskload_ps(
+                                         xr + c, _mm256_cmpgt_epi32(_mm256_set1_epi32(C - c), lane)));
             } else {
                 /* x[2k] and x[2k+1] land at padded columns 2k + px and 2k + 1 + px */
                 float* ev = br + ((px & 1) ? Hb + (px - 1) / 2 : px / 2);
@@ -261,13 +277,32 @@ cdef extern from *:
      * column dilation 1, any row stride/dilation) from the padded buffer: the nine taps,
      * the bias and the activation parameter in registers for the whole plane; per block
      * of 8 output columns 9 unaligned loads (stride 2: from the de-interleaved rows, taps
-     * E[ox], O[ox], E[ox + 1]) and 9 multiply-adds in 3 chains (one per window row,
-     * summed at the end: the same order as before, so the same bits); ACT (a compile-time
-     * code: identity or a cheap one) applied in registers, the transcendental ones over
-     * the finished rows (mdnn_act_array, ~1024 floats at a time, still in L1). A block
-     * whose 8 lanes stay inside the plane is stored whole: lanes past the row's end land
-     * on the next row's first columns, which are computed (overwritten) next; only the
-     * plane's last block goes through a small buffer. */
+     * E[ox], O[ox], E[ox + 1]) and one chain of 9 multiply-adds from the bias in the
+     * taps' row-major order (the scalar loop's order: the same bits as mdnn_dw_col). At
+     * row stride 1 (and row dilation 1) two output rows are computed together from four
+     * input rows, each loaded vector serving both (12 loads per 2 blocks instead of 18:
+     * the loop is bound by loads, two per cycle). ACT (a compile-time code: identity or a
+     * cheap one) is applied in registers, the transcendental ones over the finished rows
+     * (mdnn_act_array, ~1024 floats at a time, still in L1). A block whose 8 lanes stay
+     * inside the plane is stored whole: lanes past the row's end land on the next row's
+     * first columns, which are computed (overwritten) later (a pair of rows runs its
+     * blocks from the last); only the plane's last blocks go through a small buffer. */
+    #define MDNN_DW33_LD(r, t) _mm256_loadu_ps((r) + ox + ((t) == 0 ? 0 : (t) == 1 ? o2 : o3))
+    #define MDNN_DW33_FMA(acc, wv, r, t) acc = _mm256_fmadd_ps(wv, MDNN_DW33_LD(r, t), acc)
+    static inline __attribute__((always_inline)) void
+    mdnn_dw_store33(float* yr, int ox, long room, int Co, __m256 v)
+    {
+        if (ox + MDNN_DW_W <= room) {
+            _mm256_storeu_ps(yr + ox, v);
+        } else {
+            float tmp[MDNN_DW_W];
+            int c;
+            _mm256_storeu_ps(tmp, v);
+            for (c = 0; c < Co - ox; c++)
+                yr[ox + c] = tmp[c];
+        }
+    }
+
     static inline __attribute__((always_inline)) void
     mdnn_dw_plane33(const mdnn_dw_t* d, long plane, int tid, const int SX, const int ACT)
     {
@@ -282,10 +317,11 @@ cdef extern from *:
         const long key = (long)n * d->K + f / d->m;
         const long o2 = SX == 2 ? d->Hb : 1;       /* the second tap's offset */
         const long o3 = SX == 2 ? 1 : 2;           /* the third's */
+        const int pairs = d->pairs && SY == 1 && DY == 1;
         /* a transcendental: after the rows */
         const int late = ACT == MDNN_ACT_IDENTITY && d->act != MDNN_ACT_IDENTITY;
         long held, pend = 0;
-        int oy, ox, c;
+        int oy = 0, ox, rows;
         memcpy(&held, slot, sizeof held);
         if (held != key) {
             mdnn_dw_fill(d, xp, buf, SX == 2);
@@ -299,44 +335,56 @@ cdef extern from *:
             const __m256 w8 = _mm256_broadcast_ss(w + 8);
             const __m256 bb = _mm256_set1_ps(d->b ? d->b[f] : 0.0f);
             const float ap = d->act_p;
-            for (oy = 0; oy < Ro; oy++) {
+            for (; oy < Ro; oy += rows) {
                 const float* r0 = buf + (long)oy * SY * Wb;
                 const float* r1 = r0 + (long)DY * Wb;
                 const float* r2 = r1 + (long)DY * Wb;
                 float* yr = yp + (long)oy * Co;
                 const long room = size - (long)oy * Co;   /* floats left in the plane from yr */
-                for (ox = 0; ox < Co; ox += MDNN_DW_W) {
-                    const float* p0 = r0 + ox;             /* SX == 2: E + ox */
-                    const float* p1 = r1 + ox;
-                    const float* p2 = r2 + ox;
-                    __m256 a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p0), bb);
-                    __m256 a1 = _mm256_mul_ps(w3, _mm256_loadu_ps(p1));
-                    __m256 a2 = _mm256_mul_ps(w6, _mm256_loadu_ps(p2));
-                    a0 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p0 + o2), a0);
-                    a1 = _mm256_fmadd_ps(w4, _mm256_loadu_ps(p1 + o2), a1);
-                    a2 = _mm256_fmadd_ps(w7, _mm256_loadu_ps(p2 + o2), a2);
-                    a0 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(p0 + o3), a0);
-                    a1 = _mm256_fmadd_ps(w5, _mm256_loadu_ps(p1 + o3), a1);
-                    a2 = _mm256_fmadd_ps(w8, _mm256_loadu_ps(p2 + o3), a2);
-                    a0 = _mm256_add_ps(_mm256_add_ps(a0, a1), a2);
-                    if (ACT != MDNN_ACT_IDENTITY)
-                        a0 = mdnn_act8(ACT, a0, ap);
-                    if (ox + MDNN_DW_W <= room) {
-                        _mm256_storeu_ps(yr + ox, a0);
-                    } else {
-                        float tmp[MDNN_DW_W];
-                        _mm256_storeu_ps(tmp, a0);
-                        for (c = 0; c < Co - ox; c++)
-                            yr[ox + c] = tmp[c];
+                rows = pairs && oy + 1 < Ro ? 2 : 1;
+                if (rows == 2) {
+                    /* blocks from the last: a whole store of row oy's last block spills onto
+                     * row oy + 1's first columns, stored (overwritten) after it */
+                    const float* r3 = r2 + Wb;
+                    for (ox = (Co - 1) / MDNN_DW_W * MDNN_DW_W; ox >= 0; ox -= MDNN_DW_W) {
+                        __m256 a = bb, b = bb, v0, v1, v2;
+                        MDNN_DW33_FMA(a, w0, r0, 0); MDNN_DW33_FMA(a, w1, r0, 1); MDNN_DW33_FMA(a, w2, r0, 2);
+                        v0 = MDNN_DW33_LD(r1, 0); v1 = MDNN_DW33_LD(r1, 1); v2 = MDNN_DW33_LD(r1, 2);
+                        a = _mm256_fmadd_ps(w3, v0, a); b = _mm256_fmadd_ps(w0, v0, b);
+                        a = _mm256_fmadd_ps(w4, v1, a); b = _mm256_fmadd_ps(w1, v1, b);
+                        a = _mm256_fmadd_ps(w5, v2, a); b = _mm256_fmadd_ps(w2, v2, b);
+                        v0 = MDNN_DW33_LD(r2, 0); v1 = MDNN_DW33_LD(r2, 1); v2 = MDNN_DW33_LD(r2, 2);
+                        a = _mm256_fmadd_ps(w6, v0, a); b = _mm256_fmadd_ps(w3, v0, b);
+                        a = _mm256_fmadd_ps(w7, v1, a); b = _mm256_fmadd_ps(w4, v1, b);
+                        a = _mm256_fmadd_ps(w8, v2, a); b = _mm256_fmadd_ps(w5, v2, b);
+                        MDNN_DW33_FMA(b, w6, r3, 0); MDNN_DW33_FMA(b, w7, r3, 1); MDNN_DW33_FMA(b, w8, r3, 2);
+                        if (ACT != MDNN_ACT_IDENTITY) {
+                            a = mdnn_act8(ACT, a, ap);
+                            b = mdnn_act8(ACT, b, ap);
+                        }
+                        mdnn_dw_store33(yr, ox, room, Co, a);
+                        mdnn_dw_store33(yr + Co, ox, room - Co, Co, b);
+                    }
+                } else {
+                    for (ox = 0; ox < Co; ox += MDNN_DW_W) {
+                        __m256 a = bb;
+                        MDNN_DW33_FMA(a, w0, r0, 0); MDNN_DW33_FMA(a, w1, r0, 1); MDNN_DW33_FMA(a, w2, r0, 2);
+                        MDNN_DW33_FMA(a, w3, r1, 0); MDNN_DW33_FMA(a, w4, r1, 1); MDNN_DW33_FMA(a, w5, r1, 2);
+                        MDNN_DW33_FMA(a, w6, r2, 0); MDNN_DW33_FMA(a, w7, r2, 1); MDNN_DW33_FMA(a, w8, r2, 2);
+                        if (ACT != MDNN_ACT_IDENTITY)
+                            a = mdnn_act8(ACT, a, ap);
+                        mdnn_dw_store33(yr, ox, room, Co, a);
                     }
                 }
-                if (late && ((oy + 1L) * Co - pend >= 1024 || oy == Ro - 1)) {
-                    mdnn_act_array(d->act, ap, yp + pend, yp + pend, (oy + 1L) * Co - pend);
-                    pend = (oy + 1L) * Co;
+                if (late && ((oy + (long)rows) * Co - pend >= 1024 || oy + rows == Ro)) {
+                    mdnn_act_array(d->act, ap, yp + pend, yp + pend, (oy + (long)rows) * Co - pend);
+                    pend = (oy + (long)rows) * Co;
                 }
             }
         }
     }
+    #undef MDNN_DW33_LD
+    #undef MDNN_DW33_FMA
 
     /* the in-register epilogues of mdnn_dw_plane33 (the rest: identity, then the array) */
     #define MDNN_DW33_SWITCH(SX)                                                         \
@@ -498,6 +546,7 @@ cdef extern from *:
         int pad
         int Rp, Wb, Hb
         long planes, ppt
+        int pairs
         float* ws
         long ws_per
     ctypedef void (*mdnn_dw_fn)(const mdnn_dw_t*, long, int) noexcept nogil
@@ -528,6 +577,9 @@ cdef bint _dw_vec = True
 # 2 = never.
 cdef isize DW_PAD_MAX_BYTES = 4 * 1024 * 1024
 cdef int _dw_pad_mode = 0
+# 3x3 plane loop at row stride 1: two output rows from four input rows (each loaded
+# vector used twice); False: one row at a time (tests and tuning)
+cdef bint _dw_pairs = True
 # Work (output elements x taps) below which a call stays on one thread.
 cdef double MIN_PARALLEL_WORK = 100000.0
 # gemm route: one chunk of im2col columns (KgRS x pw floats) sized to sit in L2
@@ -556,6 +608,15 @@ def _set_depthwise_vector(bint on):
     global _dw_vec
     prev = _dw_vec
     _dw_vec = on
+    return prev
+
+
+def _set_depthwise_row_pairs(bint on):
+    """The 3x3 plane loop's two-rows-at-a-time step at row stride 1 (True) or one row at a
+    time; returns the previous setting."""
+    global _dw_pairs
+    prev = _dw_pairs
+    _dw_pairs = on
     return prev
 
 
@@ -829,6 +890,7 @@ cdef int _depthwise(const GArgs* a, int nt) except -1:
     d.pad = 1 if d.vec and _use_padded(<isize>d.Rp * d.Wb) else 0
     d.ws_per = (16 + <isize>d.Rp * d.Wb + 15) // 16 * 16 if d.pad else 0
     d.planes = planes
+    d.pairs = 1 if _dw_pairs else 0
     d.ppt = _dw_ppt(planes, a.Ro * a.Co, nt)
     cdef long ntasks = _ceil(planes, d.ppt)
     if nt > ntasks:
@@ -878,9 +940,13 @@ cdef tuple _dw_buffer(isize R, isize C, isize Co, int nc, int sy, int sx, int py
         # de-interleaved: the padded row's even columns then its odd ones; a block of 8
         # at ox reads E[ox .. ox + 8] and O[ox .. ox + 7]
         Hb = max(_ceil(C + 2 * px, 2), nb * MDNN_DW_W + 1)
+        Hb = _ceil(Hb, 16) * 16
         Wb = 2 * Hb
     else:
-        Wb = max(C + 2 * px, (nb * MDNN_DW_W - 1) * sx + (nc - 1) * dx + 1 + 8)
+        Wb = max(C + 2 * px + 8, (nb * MDNN_DW_W - 1) * sx + (nc - 1) * dx + 1 + 8)
+    # rows start on 64-byte lines (the workspace and each thread's slot are 64-byte
+    # aligned): a block's first tap (and at stride 2 its second) never straddles two lines
+    Wb = _ceil(Wb, 16) * 16
     return R + 2 * py, Wb, Hb
 
 
