@@ -45,6 +45,7 @@ def _restore_settings():
     vec = _cpu_depthwise._set_depthwise_vector(True)
     padded = _cpu_depthwise._set_depthwise_padded("auto")
     pairs = _cpu_depthwise._set_depthwise_row_pairs(True)
+    stream = _cpu_depthwise._set_depthwise_stream_bytes(16 << 20)
     pw = _cpu_depthwise._set_pw_bytes(GR_PW_BYTES)
     tr = _cpu_conv._set_tr_col_bytes(TR_COL_BYTES)
     nt = cpu.get_num_threads()
@@ -53,6 +54,7 @@ def _restore_settings():
     _cpu_depthwise._set_depthwise_vector(vec)
     _cpu_depthwise._set_depthwise_padded(padded)
     _cpu_depthwise._set_depthwise_row_pairs(pairs)
+    _cpu_depthwise._set_depthwise_stream_bytes(stream)
     _cpu_depthwise._set_pw_bytes(pw)
     _cpu_conv._set_tr_col_bytes(tr)
     cpu.set_num_threads(nt)
@@ -708,10 +710,12 @@ DW33_CASES = (
 
 
 @pytest.mark.parametrize("case", DW33_CASES, ids=lambda c: "_".join(map(str, c)))
-@pytest.mark.parametrize("pairs", [True, False])
-def test_depthwise_3x3_plane_loop(case, pairs):
+@pytest.mark.parametrize("pairs,stream", [(True, False), (False, False), (True, True), (False, True)])
+def test_depthwise_3x3_plane_loop(case, pairs, stream):
+    """stream: every output streamed (DW_STREAM_BYTES = 0) where a block is 16-byte aligned."""
     assert _cpu_depthwise._dw_plan_for(case[:1] + case[1:4], (case[4], 1) + case[5:7], *case[7:13])["padded"] == AVX2
     _cpu_depthwise._set_depthwise_row_pairs(pairs)
+    _cpu_depthwise._set_depthwise_stream_bytes(0 if stream else 16 << 20)
     _check_grouped(case, DW_ROUTES[:3] if AVX2 else DW_ROUTES[2:3])
 
 
@@ -721,12 +725,14 @@ DW_EPILOGUES = ["identity", "relu", "clipped_relu", "leaky_relu", "prelu", "smel
 
 @pytest.mark.parametrize("name", DW_EPILOGUES)
 @pytest.mark.parametrize("stride", [1, 2])
-def test_depthwise_3x3_epilogues(name, stride):
+@pytest.mark.parametrize("stream", [False, True])
+def test_depthwise_3x3_epilogues(name, stride, stream):
     """Every activation fused into the 3x3 loop: the cheap ones in registers, the others
     over the finished rows (planes of more than 1024 outputs flush them in pieces), against
     the reference and equal bit for bit to the activation run separately."""
     act = ops.act_by_name(name, 0.5 if name in ("leaky_relu", "prelu", "elu", "smelu") else 6.0)
-    for N, K, R_, C in ((2, 3, 45, 47), (1, 5, 7, 9)):
+    _cpu_depthwise._set_depthwise_stream_bytes(0 if stream else 16 << 20)
+    for N, K, R_, C in ((2, 3, 45, 47), (1, 5, 7, 9), (2, 4, 16, 16)):
         rng = _rng(N, K, R_, C, stride)
         x = (rng.standard_normal((N, K, R_, C)) * 2).astype(np.float32)
         w = rng.standard_normal((K, 1, 3, 3)).astype(np.float32)
@@ -749,6 +755,7 @@ def test_depthwise_tasks():
     a task while there are 4 tasks a thread); the result does not depend on the split."""
     k = _cpu_depthwise._blocking()
     assert k["dw_task_outputs"] == 2048 and k["dw_tasks_per_thread"] == 4
+    assert k["dw_stream_bytes"] == 16 << 20
     t = _cpu_depthwise._dw_tasks_for
     assert t((1, 960, 7, 7), (960, 1, 3, 3), 1, 1, 1, 1, 2) == (42, 23)      # ceil(2048 / 49)
     assert t((1, 32, 7, 7), (32, 1, 3, 3), 1, 1, 1, 1, 2) == (4, 8)          # 4 tasks a thread

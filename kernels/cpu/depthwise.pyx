@@ -17,7 +17,8 @@ _grouped_route (tests force each with _set_grouped_path):
     row stride 1, stride 2 from buffer rows stored de-interleaved (the even padded
     columns, then the odd ones: three plain loads per window row), the cheap
     activations in registers and the transcendental ones (act_avx2.h) over ~1024
-    finished outputs, whole-vector stores. Otherwise each output row is computed in
+    finished outputs, whole-vector stores (non-temporal when the output passes
+    DW_STREAM_BYTES: no read for ownership). Otherwise each output row is computed in
     blocks of MDNN_DW_W = 8 columns in
     AVX2 registers (4 independent accumulators: rows 2r and 2r + 1 of the
     window into two, a last odd row into the other two). The input plane is
@@ -86,6 +87,7 @@ cdef extern from *:
                                   * columns [0, Hb) then its odd ones [Hb, 2 Hb = Wb) */
         long planes, ppt;        /* N F planes; planes per parallel task */
         int pairs;               /* 3x3 at row stride 1: two output rows at a time */
+        int stream;              /* 3x3: non-temporal stores (16-byte aligned halves) */
         float* ws;               /* per-thread slots of ws_per floats: a 16-float header
                                   * (the plane held), then the Rp x Wb buffer */
         long ws_per;
@@ -285,15 +287,23 @@ cdef extern from *:
      * cheap one) is applied in registers, the transcendental ones over the finished rows
      * (mdnn_act_array, ~1024 floats at a time, still in L1). A block whose 8 lanes stay
      * inside the plane is stored whole: lanes past the row's end land on the next row's
-     * first columns, which are computed (overwritten) later (a pair of rows runs its
-     * blocks from the last); only the plane's last blocks go through a small buffer. */
+     * first columns, which are computed (overwritten) later; the first row of a pair
+     * and the plane's last blocks go through a small buffer at the row's end. (A pair
+     * running its blocks from the last, so that both rows could spill, measured 1.3x
+     * slower on a 150 MB batch: descending stores defeat the write prefetch.) */
     #define MDNN_DW33_LD(r, t) _mm256_loadu_ps((r) + ox + ((t) == 0 ? 0 : (t) == 1 ? o2 : o3))
     #define MDNN_DW33_FMA(acc, wv, r, t) acc = _mm256_fmadd_ps(wv, MDNN_DW33_LD(r, t), acc)
     static inline __attribute__((always_inline)) void
-    mdnn_dw_store33(float* yr, int ox, long room, int Co, __m256 v)
+    mdnn_dw_store33(float* yr, int ox, long room, int Co, __m256 v, int stream)
     {
         if (ox + MDNN_DW_W <= room) {
-            _mm256_storeu_ps(yr + ox, v);
+            if (stream && ((unsigned long)(yr + ox) & 15) == 0) {
+                /* two 16-byte halves: numpy's large arrays are only 16-byte aligned */
+                _mm_stream_ps(yr + ox, _mm256_castps256_ps128(v));
+                _mm_stream_ps(yr + ox + 4, _mm256_extractf128_ps(v, 1));
+            } else {
+                _mm256_storeu_ps(yr + ox, v);
+            }
         } else {
             float tmp[MDNN_DW_W];
             int c;
@@ -320,6 +330,10 @@ cdef extern from *:
         const int pairs = d->pairs && SY == 1 && DY == 1;
         /* a transcendental: after the rows */
         const int late = ACT == MDNN_ACT_IDENTITY && d->act != MDNN_ACT_IDENTITY;
+        /* an output far larger than the caches: its blocks bypass them (no read for
+         * ownership of lines written whole); not when the rows are read again for a
+         * transcendental */
+        const int stream = d->stream && !late;
         long held, pend = 0;
         int oy = 0, ox, rows;
         memcpy(&held, slot, sizeof held);
@@ -343,10 +357,10 @@ cdef extern from *:
                 const long room = size - (long)oy * Co;   /* floats left in the plane from yr */
                 rows = pairs && oy + 1 < Ro ? 2 : 1;
                 if (rows == 2) {
-                    /* blocks from the last: a whole store of row oy's last block spills onto
-                     * row oy + 1's first columns, stored (overwritten) after it */
+                    /* row oy's blocks stay inside the row (row oy + 1's first columns are
+                     * already stored), row oy + 1's may spill onto row oy + 2 */
                     const float* r3 = r2 + Wb;
-                    for (ox = (Co - 1) / MDNN_DW_W * MDNN_DW_W; ox >= 0; ox -= MDNN_DW_W) {
+                    for (ox = 0; ox < Co; ox += MDNN_DW_W) {
                         __m256 a = bb, b = bb, v0, v1, v2;
                         MDNN_DW33_FMA(a, w0, r0, 0); MDNN_DW33_FMA(a, w1, r0, 1); MDNN_DW33_FMA(a, w2, r0, 2);
                         v0 = MDNN_DW33_LD(r1, 0); v1 = MDNN_DW33_LD(r1, 1); v2 = MDNN_DW33_LD(r1, 2);
@@ -362,8 +376,8 @@ cdef extern from *:
                             a = mdnn_act8(ACT, a, ap);
                             b = mdnn_act8(ACT, b, ap);
                         }
-                        mdnn_dw_store33(yr, ox, room, Co, a);
-                        mdnn_dw_store33(yr + Co, ox, room - Co, Co, b);
+                        mdnn_dw_store33(yr, ox, Co, Co, a, stream);
+                        mdnn_dw_store33(yr + Co, ox, room - Co, Co, b, stream);
                     }
                 } else {
                     for (ox = 0; ox < Co; ox += MDNN_DW_W) {
@@ -373,7 +387,7 @@ cdef extern from *:
                         MDNN_DW33_FMA(a, w6, r2, 0); MDNN_DW33_FMA(a, w7, r2, 1); MDNN_DW33_FMA(a, w8, r2, 2);
                         if (ACT != MDNN_ACT_IDENTITY)
                             a = mdnn_act8(ACT, a, ap);
-                        mdnn_dw_store33(yr, ox, room, Co, a);
+                        mdnn_dw_store33(yr, ox, room, Co, a, stream);
                     }
                 }
                 if (late && ((oy + (long)rows) * Co - pend >= 1024 || oy + rows == Ro)) {
@@ -382,6 +396,8 @@ cdef extern from *:
                 }
             }
         }
+        if (stream)
+            _mm_sfence();       /* the streamed blocks are visible before the task counts as done */
     }
     #undef MDNN_DW33_LD
     #undef MDNN_DW33_FMA
@@ -547,6 +563,7 @@ cdef extern from *:
         int Rp, Wb, Hb
         long planes, ppt
         int pairs
+        int stream
         float* ws
         long ws_per
     ctypedef void (*mdnn_dw_fn)(const mdnn_dw_t*, long, int) noexcept nogil
@@ -580,6 +597,10 @@ cdef int _dw_pad_mode = 0
 # 3x3 plane loop at row stride 1: two output rows from four input rows (each loaded
 # vector used twice); False: one row at a time (tests and tuning)
 cdef bint _dw_pairs = True
+# 3x3 plane loop: outputs (N F Ro Co floats) larger than this many bytes are written with
+# non-temporal stores where a block is 16-byte aligned (no read for ownership of the
+# lines it overwrites: a third of a large convolution's memory traffic)
+cdef isize DW_STREAM_BYTES = 16 * 1024 * 1024
 # Work (output elements x taps) below which a call stays on one thread.
 cdef double MIN_PARALLEL_WORK = 100000.0
 # gemm route: one chunk of im2col columns (KgRS x pw floats) sized to sit in L2
@@ -620,6 +641,15 @@ def _set_depthwise_row_pairs(bint on):
     return prev
 
 
+def _set_depthwise_stream_bytes(isize v):
+    """Tuning knob: the output size above which the 3x3 plane loop streams its stores
+    (DW_STREAM_BYTES); returns the previous."""
+    global DW_STREAM_BYTES
+    prev = DW_STREAM_BYTES
+    DW_STREAM_BYTES = v
+    return prev
+
+
 def _set_depthwise_padded(str mode):
     """Force the depthwise route's padded-plane variant: "auto" (when its buffer fits
     DW_PAD_MAX_BYTES), "always" or "never"; returns the previous mode."""
@@ -657,6 +687,7 @@ def _blocking():
     """The blocking constants of this module (tests/test_conv_family.py checks them)."""
     return dict(dw_block=MDNN_DW_W, dw_pad_max_bytes=DW_PAD_MAX_BYTES, gr_pw_bytes=GR_PW_BYTES,
                 dw_task_outputs=DW_TASK_OUTPUTS, dw_tasks_per_thread=DW_TASKS_PER_THREAD,
+                dw_stream_bytes=DW_STREAM_BYTES,
                 gr_min_pw=GR_MIN_PW, min_parallel_work=MIN_PARALLEL_WORK)
 
 
@@ -891,6 +922,7 @@ cdef int _depthwise(const GArgs* a, int nt) except -1:
     d.ws_per = (16 + <isize>d.Rp * d.Wb + 15) // 16 * 16 if d.pad else 0
     d.planes = planes
     d.pairs = 1 if _dw_pairs else 0
+    d.stream = 1 if 4 * <isize>planes * a.Ro * a.Co > DW_STREAM_BYTES else 0
     d.ppt = _dw_ppt(planes, a.Ro * a.Co, nt)
     cdef long ntasks = _ceil(planes, d.ppt)
     if nt > ntasks:
