@@ -360,6 +360,9 @@ cdef extern from *:
                     /* row oy's blocks stay inside the row (row oy + 1's first columns are
                      * already stored), row oy + 1's may spill onto row oy + 2 */
                     const float* r3 = r2 + Wb;
+                    /* rows of one block (Co <= 8): row oy's block is stored before row
+                     * oy + 1's, so it may spill too */
+                    const long roomA = Co <= MDNN_DW_W ? room : Co;
                     for (ox = 0; ox < Co; ox += MDNN_DW_W) {
                         __m256 a = bb, b = bb, v0, v1, v2;
                         MDNN_DW33_FMA(a, w0, r0, 0); MDNN_DW33_FMA(a, w1, r0, 1); MDNN_DW33_FMA(a, w2, r0, 2);
@@ -376,7 +379,7 @@ cdef extern from *:
                             a = mdnn_act8(ACT, a, ap);
                             b = mdnn_act8(ACT, b, ap);
                         }
-                        mdnn_dw_store33(yr, ox, Co, Co, a, stream);
+                        mdnn_dw_store33(yr, ox, roomA, Co, a, stream);
                         mdnn_dw_store33(yr + Co, ox, room - Co, Co, b, stream);
                     }
                 } else {
