@@ -142,6 +142,7 @@ def main():
                     help="thread counts to run at (default: 2, then 1)")
     ap.add_argument("--windows", type=int, default=25)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "depthwise.json"))
+    ap.add_argument("--note", default=None, help="a line recorded with the results (e.g. the machine's load)")
     args = ap.parse_args()
     assert _cpu_depthwise._grouped_route_for((1, 8, 8, 8), (8, 1, 3, 3), 8) == "depthwise"
     load0 = os.getloadavg()
@@ -161,6 +162,8 @@ def main():
                        "time / conv time; cost = time with the activation / time with the "
                        "identity epilogue"),
                depthwise=rows, totals=totals, fused_activation=fused)
+    if args.note:
+        out["note"] = args.note
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

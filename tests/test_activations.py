@@ -190,3 +190,46 @@ def test_bad_parameters_are_refused():
         dnn.leaky_relu(dnn.input_tensor(), alpha=float("nan"))
     with pytest.raises(ValueError, match="elu: alpha must be a number"):
         dnn.elu(dnn.input_tensor(), alpha="1")
+
+
+# ------------------------------------------------------------ the AVX2 formulas (act_avx2.h)
+def _bits_equal(a, b):
+    """Equal bit for bit, any NaN equal to any NaN."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    nan = np.isnan(a)
+    return bool((nan == np.isnan(b)).all() and (a.view(np.int32)[~nan] == b.view(np.int32)[~nan]).all())
+
+
+@pytest.mark.parametrize("cls,p", _layers())
+def test_vector_formulas_equal_the_scalar_ones(cls, p):
+    """mdnn_act_array (the AVX2 formulas where compiled, 16 and 8 floats a step, the last
+    n % 8 through a padded vector) equals the scalar mdnn_act of activations.h bit for bit,
+    over the whole range, every length 1..40 (every tail), in place and not, and stays
+    within the tolerance of the float64 reference."""
+    from minidnn import _cpu_eltwise as E
+    from minidnn.backends import cpu
+    act = make(cls, p, dnn.input_tensor()).layer_details().act
+    rng = np.random.default_rng(7)
+    x = np.concatenate([_inputs(), rng.uniform(-90, 90, 20000), rng.normal(0, 1e-4, 2000),
+                        [np.nan, np.inf, -np.inf, 87.3, -87.3, 88.3, 44.0, 20.0, 0.35, -0.35,
+                         3e-39, -3e-39]]).astype(np.float32)
+    ys, yv = np.empty_like(x), np.empty_like(x)
+    E._activation_scalar(x, ys, act)
+    cpu.activation(x, yv, act)
+    assert _bits_equal(yv, ys), f"{cls.kind}: vector != scalar at {x[~((yv == ys) | (np.isnan(yv) & np.isnan(ys)))][:5]}"
+    fin = np.isfinite(x) & (np.abs(x) < 1e30)
+    np.testing.assert_allclose(yv[fin].astype(np.float64), R.activation(x[fin], act), rtol=2e-6, atol=1e-30)
+    for n in range(1, 41):
+        xs = x[1000:1000 + n].copy()
+        y = np.full_like(xs, np.nan)
+        cpu.activation(xs, y, act)
+        assert _bits_equal(y, ys[1000:1000 + n]), (cls.kind, n)
+        cpu.activation(xs, xs, act)
+        assert _bits_equal(xs, ys[1000:1000 + n]), (cls.kind, n, "in place")
+
+
+def test_vector_formulas_are_compiled():
+    """The CPU build has AVX2 + FMA (CMakeLists.txt: -march=native on this machine): the
+    vector formulas are the ones running."""
+    from minidnn import _cpu_eltwise as E, _cpu_depthwise as D
+    assert E._act_have_avx2() == D._dw_have_avx2()

@@ -44,6 +44,8 @@ def _restore_settings():
     path = _cpu_depthwise._set_grouped_path("auto")
     vec = _cpu_depthwise._set_depthwise_vector(True)
     padded = _cpu_depthwise._set_depthwise_padded("auto")
+    pairs = _cpu_depthwise._set_depthwise_row_pairs(True)
+    stream = _cpu_depthwise._set_depthwise_stream_bytes(16 << 20)
     pw = _cpu_depthwise._set_pw_bytes(GR_PW_BYTES)
     tr = _cpu_conv._set_tr_col_bytes(TR_COL_BYTES)
     nt = cpu.get_num_threads()
@@ -51,6 +53,8 @@ def _restore_settings():
     _cpu_depthwise._set_grouped_path(path)
     _cpu_depthwise._set_depthwise_vector(vec)
     _cpu_depthwise._set_depthwise_padded(padded)
+    _cpu_depthwise._set_depthwise_row_pairs(pairs)
+    _cpu_depthwise._set_depthwise_stream_bytes(stream)
     _cpu_depthwise._set_pw_bytes(pw)
     _cpu_conv._set_tr_col_bytes(tr)
     cpu.set_num_threads(nt)
@@ -685,3 +689,127 @@ def test_trains():
     tr.train(x, t.reshape(len(x), -1))
     after = float(((net.subnet().forward(x) - t) ** 2).sum() / len(x))
     assert after < 0.2 * before, (before, after)
+
+
+# ------------------------------------------------------------------ the 3x3 plane loop (mdnn_dw_plane33)
+# The padded-plane 3x3 loop (column stride 1, or 2 from de-interleaved rows): row strides
+# and dilations other than the column's, pads 0..3 (odd and even: the de-interleaved
+# halves swap), input widths around the 16-float de-interleave step (15..17, 31..33),
+# output widths around the block (whole stores spill into the next row; the plane's last
+# block does not), planes per task around DW_TASK_OUTPUTS (2048) outputs, channel
+# multipliers (a filled buffer reused), batch 1 and 3.
+DW33_CASES = (
+    [_dw(1, 2, 7, C, 3, 3, 2, 2, 1, p) for C in (15, 16, 17, 31, 32, 33) for p in (0, 1, 2, 3)]
+    + [_dw(2, 3, 9, C, 3, 3, 1, 2, 1, 1) for C in (5, 8, 17, 18)]
+    + [_dw(2, 3, 9, C, 3, 3, 2, 1, 1, 1) for C in (6, 9, 16, 25)]
+    + [_dw(1, 2, 10, 19, 3, 3, s, s, 1, 1, 2, 1) for s in (1, 2)]
+    + [_dw(3, 4, R_, C, 3, 3, 1, 1, 1, 1, m=m) for R_, C in ((1, 1), (2, 3), (3, 5), (5, 2)) for m in (1, 3)]
+    + [_dw(1, 2, R_, C, 3, 3, 1, 1, 1, 1) for R_, C in ((32, 64), (64, 32), (63, 33), (41, 50))]
+    + [_dw(3, 5, 8, 8, 3, 3, 2, 2, 1, 1, m=2), _dw(1, 40, 7, 7, 3, 3, 1, 1, 1, 1),
+       _dw(1, 48, 14, 14, 3, 3, 2, 2, 1, 1), _dw(2, 6, 45, 45, 3, 3, 1, 1, 1, 1)]
+)
+
+
+@pytest.mark.parametrize("case", DW33_CASES, ids=lambda c: "_".join(map(str, c)))
+@pytest.mark.parametrize("pairs,stream", [(True, False), (False, False), (True, True), (False, True)])
+def test_depthwise_3x3_plane_loop(case, pairs, stream):
+    """stream: every output streamed (DW_STREAM_BYTES = 0) where a block is 16-byte aligned."""
+    assert _cpu_depthwise._dw_plan_for(case[:1] + case[1:4], (case[4], 1) + case[5:7], *case[7:13])["padded"] == AVX2
+    _cpu_depthwise._set_depthwise_row_pairs(pairs)
+    _cpu_depthwise._set_depthwise_stream_bytes(0 if stream else 16 << 20)
+    _check_grouped(case, DW_ROUTES[:3] if AVX2 else DW_ROUTES[2:3])
+
+
+DW_EPILOGUES = ["identity", "relu", "clipped_relu", "leaky_relu", "prelu", "smelu", "sig", "htan",
+                "elu", "gelu", "mish", "silu"]
+
+
+@pytest.mark.parametrize("name", DW_EPILOGUES)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("stream", [False, True])
+def test_depthwise_3x3_epilogues(name, stride, stream):
+    """Every activation fused into the 3x3 loop: the cheap ones in registers, the others
+    over the finished rows (planes of more than 1024 outputs flush them in pieces), against
+    the reference and equal bit for bit to the activation run separately."""
+    act = ops.act_by_name(name, 0.5 if name in ("leaky_relu", "prelu", "elu", "smelu") else 6.0)
+    _cpu_depthwise._set_depthwise_stream_bytes(0 if stream else 16 << 20)
+    for N, K, R_, C in ((2, 3, 45, 47), (1, 5, 7, 9), (2, 4, 16, 16)):
+        rng = _rng(N, K, R_, C, stride)
+        x = (rng.standard_normal((N, K, R_, C)) * 2).astype(np.float32)
+        w = rng.standard_normal((K, 1, 3, 3)).astype(np.float32)
+        b = rng.standard_normal(K).astype(np.float32)
+        ref = REF.conv2d_grouped(x, w, None, stride, stride, 1, 1, 1, 1, K) + b.astype(np.float64)[None, :, None, None]
+        for nt in (1, 2):
+            cpu.set_num_threads(nt)
+            lin = np.full(ref.shape, np.nan, np.float32)
+            cpu.conv2d_grouped(x, w, b, lin, stride, stride, 1, 1, 1, 1, K, False)
+            y = np.full(ref.shape, np.nan, np.float32)
+            cpu.conv2d_grouped(x, w, b, y, stride, stride, 1, 1, 1, 1, K, act)
+            REF.assert_close(y, REF.activation(ref, act))
+            sep = np.empty_like(lin)
+            cpu.activation(lin, sep, act)
+            np.testing.assert_array_equal(y, sep)
+
+
+def test_depthwise_tasks():
+    """Small planes are handed out in runs of whole planes (at least DW_TASK_OUTPUTS outputs
+    a task while there are 4 tasks a thread); the result does not depend on the split."""
+    k = _cpu_depthwise._blocking()
+    assert k["dw_task_outputs"] == 2048 and k["dw_tasks_per_thread"] == 4
+    assert k["dw_stream_bytes"] == 16 << 20
+    t = _cpu_depthwise._dw_tasks_for
+    assert t((1, 960, 7, 7), (960, 1, 3, 3), 1, 1, 1, 1, 2) == (42, 23)      # ceil(2048 / 49)
+    assert t((1, 32, 7, 7), (32, 1, 3, 3), 1, 1, 1, 1, 2) == (4, 8)          # 4 tasks a thread
+    assert t((1, 32, 112, 112), (32, 1, 3, 3), 1, 1, 1, 1, 2) == (1, 32)
+    assert t((1, 3, 7, 7), (3, 1, 3, 3), 1, 1, 1, 1, 2) == (1, 3)
+    assert t((1, 960, 7, 7), (960, 1, 3, 3), 1, 1, 1, 1, 1) == (42, 23)
+    for shape in ((1, 960, 7, 7), (2, 100, 45, 45), (1, 64, 32, 64)):
+        rng = _rng(*shape)
+        x = rng.standard_normal(shape).astype(np.float32)
+        w = rng.standard_normal((shape[1], 1, 3, 3)).astype(np.float32)
+        ys = []
+        for nt in (1, 2):
+            cpu.set_num_threads(nt)
+            ys.append(np.full(shape, np.nan, np.float32))
+            cpu.conv2d_grouped(x, w, None, ys[-1], 1, 1, 1, 1, 1, 1, shape[1], RELU6)
+        np.testing.assert_array_equal(ys[0], ys[1])
+        REF.assert_close(ys[0], REF.activation(REF.conv2d_grouped(x, w, None, 1, 1, 1, 1, 1, 1, shape[1]), RELU6))
+
+
+def test_depthwise_buffer_borders_between_calls():
+    """The padded buffers' borders are zeroed once a call: a call after a wider, taller one
+    (the grow-only workspace holding its data) still reads zeros in the padding."""
+    for shape, s in (((1, 2, 40, 40), 1), ((1, 2, 9, 11), 1), ((1, 2, 40, 40), 2), ((1, 2, 9, 11), 2),
+                     ((1, 2, 3, 30), 1), ((1, 2, 30, 3), 2)):
+        rng = _rng(*shape, s)
+        x = (rng.standard_normal(shape) + 5).astype(np.float32)
+        w = rng.standard_normal((2, 1, 3, 3)).astype(np.float32)
+        Ro, Co = _out(shape[2], 3, s, 1), _out(shape[3], 3, s, 1)
+        y = np.full((1, 2, Ro, Co), np.nan, np.float32)
+        cpu.conv2d_grouped(x, w, None, y, s, s, 1, 1, 1, 1, 2, False)
+        REF.assert_close(y, REF.conv2d_grouped(x, w, None, s, s, 1, 1, 1, 1, 2))
+
+
+@pytest.mark.skipif(not AVX2, reason="no AVX2 build")
+@pytest.mark.parametrize("case", [c for c in DW33_CASES if c[5:7] == (3, 3)][::3], ids=lambda c: "_".join(map(str, c)))
+def test_depthwise_3x3_plane_loop_equals_the_scalar_loop(case):
+    """The 3x3 plane loop sums each output in the scalar loop's order (the bias, then the
+    taps row by row): where the window lies inside the image the vector and scalar routes
+    agree bit for bit; at the border (the scalar loop skips the taps in the padding, the
+    vector one adds their zeros, and GCC fuses the scalar loop's border cases
+    differently) within the reference's tolerance."""
+    N, K, R_, C, F, nr, nc, sy, sx, py, px, dy, dx, g = case
+    rng = _rng(*case)
+    x = rng.standard_normal((N, K, R_, C)).astype(np.float32)
+    w = rng.standard_normal((F, 1, nr, nc)).astype(np.float32)
+    b = rng.standard_normal(F).astype(np.float32)
+    ys = []
+    for vec in (True, False):
+        _cpu_depthwise._set_depthwise_vector(vec)
+        ys.append(np.full((N, F, _out(R_, nr, sy, py, dy), _out(C, nc, sx, px, dx)), np.nan, np.float32))
+        cpu.conv2d_grouped(x, w, b, ys[-1], sy, sx, py, px, dy, dx, g, RELU6)
+    iy = np.arange(ys[0].shape[2]) * sy - py
+    ix = np.arange(ys[0].shape[3]) * sx - px
+    inside = ((iy >= 0) & (iy + 2 * dy < R_))[:, None] & ((ix >= 0) & (ix + 2 * dx < C))[None, :]
+    np.testing.assert_array_equal(ys[0][..., inside], ys[1][..., inside])
+    REF.assert_close(ys[0], ys[1].astype(np.float64))

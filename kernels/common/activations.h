@@ -229,12 +229,27 @@ MDNN_ACT_FN float mdnn_act_grad(int act, float x, float y, float p)
 }
 
 #ifndef __CUDACC__
+/* CPU only: the same formulas on 8 floats at a time with AVX2 + FMA (bit-identical to
+ * the scalar ones above as CMakeLists.txt compiles them); mdnn_act_array uses them.
+ * Named through a macro, and written "# include", so that the CUDA side never sees it:
+ * minidnn/backends/cuda/source.py inlines every quoted include of ours (an installed
+ * package has no kernels/cpu), and PyCUDA preprocesses any source whose text still
+ * holds an include directive; nvcc skips this whole block (__CUDACC__). */
+#define MDNN_ACT_AVX2_HEADER "../cpu/act_avx2.h"
+# include MDNN_ACT_AVX2_HEADER
+
 /* y[i] = f(x[i]) for i < n (y may be x): the switch outside the loop, so each
  * case is a loop the compiler vectorises */
 #define MDNN_ACT_LOOP(EXPR) for (i = 0; i < n; i++) { float v = x[i]; y[i] = (EXPR); } break;
 static inline void mdnn_act_array(int act, float p, const float* x, float* y, long n)
 {
     long i;
+#if MDNN_ACT_HAVE_AVX2
+    if (act != MDNN_ACT_IDENTITY) {
+        mdnn_act_array_avx2(act, p, x, y, n);
+        return;
+    }
+#endif
     switch (act) {
     case MDNN_ACT_RELU: MDNN_ACT_LOOP(mdnn_act_relu(v))
     case MDNN_ACT_LEAKY_RELU:

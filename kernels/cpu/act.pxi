@@ -2,7 +2,7 @@
 # that apply one): the C declarations and the parsing of an ``act`` argument.
 
 cdef extern from "activations.h" nogil:
-    int MDNN_ACT_IDENTITY, MDNN_ACT_RELU, MDNN_ACT_COUNT
+    int MDNN_ACT_IDENTITY, MDNN_ACT_RELU, MDNN_ACT_COUNT, MDNN_ACT_HAVE_AVX2
     float mdnn_act(int act, float x, float p)
     float mdnn_act_grad(int act, float x, float y, float p)
     int mdnn_act_reads_x(int act)

@@ -8,12 +8,23 @@ sees the input channels of its group g = f // (F/groups). Two routes, chosen by
 _grouped_route (tests force each with _set_grouped_path):
 
   - depthwise (groups == K: one input channel per group, F = m K with a channel
-    multiplier m): no GEMM at all. One (sample, output channel) plane per OpenMP
-    iteration; each output row is computed in blocks of MDNN_DW_W = 8 columns in
+    multiplier m): no GEMM at all. Tasks of the parallel-for are runs of whole (sample,
+    output channel) planes (at least DW_TASK_OUTPUTS outputs a task while there are
+    DW_TASKS_PER_THREAD tasks a thread). 3x3 filters at column stride 1 or 2 (column
+    dilation 1) on the padded plane run mdnn_dw_plane33: the nine taps, the bias and
+    the activation parameter in registers for the whole plane, one FMA chain per block
+    of 8 outputs in the scalar loop's order, two output rows from four input rows at
+    row stride 1, stride 2 from buffer rows stored de-interleaved (the even padded
+    columns, then the odd ones: three plain loads per window row), the cheap
+    activations in registers and the transcendental ones (act_avx2.h) over ~1024
+    finished outputs, whole-vector stores (non-temporal when the output passes
+    DW_STREAM_BYTES: no read for ownership). Otherwise each output row is computed in
+    blocks of MDNN_DW_W = 8 columns in
     AVX2 registers (4 independent accumulators: rows 2r and 2r + 1 of the
     window into two, a last odd row into the other two). The input plane is
     first copied into a zero-bordered per-thread buffer (once per input channel:
-    planes of a channel multiplier reuse it), so every block reads plain
+    planes of a channel multiplier reuse it; its rows 64-byte aligned, its borders
+    zeroed once a call), so every block reads plain
     unmasked loads (stride 2 as 16 loaded and de-interleaved floats, other
     strides as gathers); a plane whose buffer would pass DW_PAD_MAX_BYTES reads
     x in place instead, with masked loads (masked lanes are never read) for the
@@ -46,7 +57,7 @@ one thread in a fixed order). Workspace: one grow-only buffer (workspace.pxi).
 include "check.pxi"
 include "act.pxi"
 
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm
 
 cdef extern from *:
@@ -72,6 +83,11 @@ cdef extern from *:
         int vec;                 /* 0: the scalar loop for every column */
         int pad;                 /* 1: the padded-plane variant (vec only) */
         int Rp, Wb;              /* its buffer: Rp rows of Wb floats */
+        int Hb;                  /* 3x3 stride 2: each buffer row is the padded row's even
+                                  * columns [0, Hb) then its odd ones [Hb, 2 Hb = Wb) */
+        long planes, ppt;        /* N F planes; planes per parallel task */
+        int pairs;               /* 3x3 at row stride 1: two output rows at a time */
+        int stream;              /* 3x3: non-temporal stores (16-byte aligned halves) */
         float* ws;               /* per-thread slots of ws_per floats: a 16-float header
                                   * (the plane held), then the Rp x Wb buffer */
         long ws_per;
@@ -216,6 +232,191 @@ cdef extern from *:
     }
     #endif
 
+    #if MDNN_DW_AVX2
+    /* the input plane xp (R x C) into the interior of this thread's padded buffer (its
+     * borders were zeroed once per call and are never written); deint: the 3x3 stride-2
+     * layout, padded column q in row half q % 2 at q / 2 */
+    static inline void mdnn_dw_fill(const mdnn_dw_t* d, const float* xp, float* buf, const int deint)
+    {
+        const int R = d->R, C = d->C, Wb = d->Wb, py = d->py, px = d->px, Hb = d->Hb;
+        int r, c, k;
+        for (r = 0; r < R; r++) {
+            const float* xr = xp + (long)r * C;
+            float* br = buf + (long)(py + r) * Wb;
+            if (!deint) {
+                /* the last 1..7 floats: a masked load (the lanes past the row read as 0 and
+                 * are never read), stored whole onto the right padding, which stays 0
+                 * (Wb >= C + 2 px + 8: _dw_buffer) */
+                const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                br += px;
+                for (c = 0; c + 8 <= C; c += 8)
+                    _mm256_storeu_ps(br + c, _mm256_loadu_ps(xr + c));
+                if (c < C)
+                    _mm256_storeu_ps(br + c, _mm256_maskload_ps(
+                                         xr + c, _mm256_cmpgt_epi32(_mm256_set1_epi32(C - c), lane)));
+            } else {
+                /* x[2k] and x[2k+1] land at padded columns 2k + px and 2k + 1 + px */
+                float* ev = br + ((px & 1) ? Hb + (px - 1) / 2 : px / 2);
+                float* od = br + ((px & 1) ? (px + 1) / 2 : Hb + px / 2);
+                for (c = 0, k = 0; c + 16 <= C; c += 16, k += 8) {
+                    __m256 L = _mm256_loadu_ps(xr + c), H = _mm256_loadu_ps(xr + c + 8);
+                    __m256 e = _mm256_shuffle_ps(L, H, _MM_SHUFFLE(2, 0, 2, 0));
+                    __m256 o = _mm256_shuffle_ps(L, H, _MM_SHUFFLE(3, 1, 3, 1));
+                    _mm256_storeu_ps(ev + k, _mm256_castpd_ps(_mm256_permute4x64_pd(
+                                                 _mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0))));
+                    _mm256_storeu_ps(od + k, _mm256_castpd_ps(_mm256_permute4x64_pd(
+                                                 _mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0))));
+                }
+                for (; c < C; c++) {
+                    if (c & 1) od[c >> 1] = xr[c];
+                    else ev[c >> 1] = xr[c];
+                }
+            }
+        }
+    }
+
+    /* one (sample, output channel) plane of a 3x3 filter (column stride SX = 1 or 2,
+     * column dilation 1, any row stride/dilation) from the padded buffer: the nine taps,
+     * the bias and the activation parameter in registers for the whole plane; per block
+     * of 8 output columns 9 unaligned loads (stride 2: from the de-interleaved rows, taps
+     * E[ox], O[ox], E[ox + 1]) and one chain of 9 multiply-adds from the bias in the
+     * taps' row-major order (the scalar loop's order: the same bits as mdnn_dw_col). At
+     * row stride 1 (and row dilation 1) two output rows are computed together from four
+     * input rows, each loaded vector serving both (12 loads per 2 blocks instead of 18:
+     * the loop is bound by loads, two per cycle). ACT (a compile-time code: identity or a
+     * cheap one) is applied in registers, the transcendental ones over the finished rows
+     * (mdnn_act_array, ~1024 floats at a time, still in L1). A block whose 8 lanes stay
+     * inside the plane is stored whole: lanes past the row's end land on the next row's
+     * first columns, which are computed (overwritten) later; the first row of a pair
+     * and the plane's last blocks go through a small buffer at the row's end. (A pair
+     * running its blocks from the last, so that both rows could spill, measured 1.3x
+     * slower on a 150 MB batch: descending stores defeat the write prefetch.) */
+    #define MDNN_DW33_LD(r, t) _mm256_loadu_ps((r) + ox + ((t) == 0 ? 0 : (t) == 1 ? o2 : o3))
+    #define MDNN_DW33_FMA(acc, wv, r, t) acc = _mm256_fmadd_ps(wv, MDNN_DW33_LD(r, t), acc)
+    static inline __attribute__((always_inline)) void
+    mdnn_dw_store33(float* yr, int ox, long room, int Co, __m256 v, int stream)
+    {
+        if (ox + MDNN_DW_W <= room) {
+            if (stream && ((unsigned long)(yr + ox) & 15) == 0) {
+                /* two 16-byte halves: numpy's large arrays are only 16-byte aligned */
+                _mm_stream_ps(yr + ox, _mm256_castps256_ps128(v));
+                _mm_stream_ps(yr + ox + 4, _mm256_extractf128_ps(v, 1));
+            } else {
+                _mm256_storeu_ps(yr + ox, v);
+            }
+        } else {
+            float tmp[MDNN_DW_W];
+            int c;
+            _mm256_storeu_ps(tmp, v);
+            for (c = 0; c < Co - ox; c++)
+                yr[ox + c] = tmp[c];
+        }
+    }
+
+    static inline __attribute__((always_inline)) void
+    mdnn_dw_plane33(const mdnn_dw_t* d, long plane, int tid, const int SX, const int ACT)
+    {
+        const int Ro = d->Ro, Co = d->Co, Wb = d->Wb, SY = d->sy, DY = d->dy;
+        const int f = (int)(plane % d->F), n = (int)(plane / d->F);
+        const float* xp = d->x + ((long)n * d->K + f / d->m) * (long)d->R * d->C;
+        const float* w = d->w + (long)f * 9;
+        float* yp = d->y + plane * (long)Ro * Co;
+        const long size = (long)Ro * Co;
+        float* slot = d->ws + (long)tid * d->ws_per;
+        float* buf = slot + 16;
+        const long key = (long)n * d->K + f / d->m;
+        const long o2 = SX == 2 ? d->Hb : 1;       /* the second tap's offset */
+        const long o3 = SX == 2 ? 1 : 2;           /* the third's */
+        const int pairs = d->pairs && SY == 1 && DY == 1;
+        /* a transcendental: after the rows */
+        const int late = ACT == MDNN_ACT_IDENTITY && d->act != MDNN_ACT_IDENTITY;
+        /* an output far larger than the caches: its blocks bypass them (no read for
+         * ownership of lines written whole); not when the rows are read again for a
+         * transcendental */
+        const int stream = d->stream && !late;
+        long held, pend = 0;
+        int oy = 0, ox, rows;
+        memcpy(&held, slot, sizeof held);
+        if (held != key) {
+            mdnn_dw_fill(d, xp, buf, SX == 2);
+            memcpy(slot, &key, sizeof key);
+        }
+        {
+            const __m256 w0 = _mm256_broadcast_ss(w), w1 = _mm256_broadcast_ss(w + 1);
+            const __m256 w2 = _mm256_broadcast_ss(w + 2), w3 = _mm256_broadcast_ss(w + 3);
+            const __m256 w4 = _mm256_broadcast_ss(w + 4), w5 = _mm256_broadcast_ss(w + 5);
+            const __m256 w6 = _mm256_broadcast_ss(w + 6), w7 = _mm256_broadcast_ss(w + 7);
+            const __m256 w8 = _mm256_broadcast_ss(w + 8);
+            const __m256 bb = _mm256_set1_ps(d->b ? d->b[f] : 0.0f);
+            const float ap = d->act_p;
+            for (; oy < Ro; oy += rows) {
+                const float* r0 = buf + (long)oy * SY * Wb;
+                const float* r1 = r0 + (long)DY * Wb;
+                const float* r2 = r1 + (long)DY * Wb;
+                float* yr = yp + (long)oy * Co;
+                const long room = size - (long)oy * Co;   /* floats left in the plane from yr */
+                rows = pairs && oy + 1 < Ro ? 2 : 1;
+                if (rows == 2) {
+                    /* row oy's blocks stay inside the row (row oy + 1's first columns are
+                     * already stored), row oy + 1's may spill onto row oy + 2 */
+                    const float* r3 = r2 + Wb;
+                    /* rows of one block (Co <= 8): row oy's block is stored before row
+                     * oy + 1's, so it may spill too */
+                    const long roomA = Co <= MDNN_DW_W ? room : Co;
+                    for (ox = 0; ox < Co; ox += MDNN_DW_W) {
+                        __m256 a = bb, b = bb, v0, v1, v2;
+                        MDNN_DW33_FMA(a, w0, r0, 0); MDNN_DW33_FMA(a, w1, r0, 1); MDNN_DW33_FMA(a, w2, r0, 2);
+                        v0 = MDNN_DW33_LD(r1, 0); v1 = MDNN_DW33_LD(r1, 1); v2 = MDNN_DW33_LD(r1, 2);
+                        a = _mm256_fmadd_ps(w3, v0, a); b = _mm256_fmadd_ps(w0, v0, b);
+                        a = _mm256_fmadd_ps(w4, v1, a); b = _mm256_fmadd_ps(w1, v1, b);
+                        a = _mm256_fmadd_ps(w5, v2, a); b = _mm256_fmadd_ps(w2, v2, b);
+                        v0 = MDNN_DW33_LD(r2, 0); v1 = MDNN_DW33_LD(r2, 1); v2 = MDNN_DW33_LD(r2, 2);
+                        a = _mm256_fmadd_ps(w6, v0, a); b = _mm256_fmadd_ps(w3, v0, b);
+                        a = _mm256_fmadd_ps(w7, v1, a); b = _mm256_fmadd_ps(w4, v1, b);
+                        a = _mm256_fmadd_ps(w8, v2, a); b = _mm256_fmadd_ps(w5, v2, b);
+                        MDNN_DW33_FMA(b, w6, r3, 0); MDNN_DW33_FMA(b, w7, r3, 1); MDNN_DW33_FMA(b, w8, r3, 2);
+                        if (ACT != MDNN_ACT_IDENTITY) {
+                            a = mdnn_act8(ACT, a, ap);
+                            b = mdnn_act8(ACT, b, ap);
+                        }
+                        mdnn_dw_store33(yr, ox, roomA, Co, a, stream);
+                        mdnn_dw_store33(yr + Co, ox, room - Co, Co, b, stream);
+                    }
+                } else {
+                    for (ox = 0; ox < Co; ox += MDNN_DW_W) {
+                        __m256 a = bb;
+                        MDNN_DW33_FMA(a, w0, r0, 0); MDNN_DW33_FMA(a, w1, r0, 1); MDNN_DW33_FMA(a, w2, r0, 2);
+                        MDNN_DW33_FMA(a, w3, r1, 0); MDNN_DW33_FMA(a, w4, r1, 1); MDNN_DW33_FMA(a, w5, r1, 2);
+                        MDNN_DW33_FMA(a, w6, r2, 0); MDNN_DW33_FMA(a, w7, r2, 1); MDNN_DW33_FMA(a, w8, r2, 2);
+                        if (ACT != MDNN_ACT_IDENTITY)
+                            a = mdnn_act8(ACT, a, ap);
+                        mdnn_dw_store33(yr, ox, room, Co, a, stream);
+                    }
+                }
+                if (late && ((oy + (long)rows) * Co - pend >= 1024 || oy + rows == Ro)) {
+                    mdnn_act_array(d->act, ap, yp + pend, yp + pend, (oy + (long)rows) * Co - pend);
+                    pend = (oy + (long)rows) * Co;
+                }
+            }
+        }
+        if (stream)
+            _mm_sfence();       /* the streamed blocks are visible before the task counts as done */
+    }
+    #undef MDNN_DW33_LD
+    #undef MDNN_DW33_FMA
+
+    /* the in-register epilogues of mdnn_dw_plane33 (the rest: identity, then the array) */
+    #define MDNN_DW33_SWITCH(SX)                                                         \
+        switch (d->act) {                                                                \
+        case MDNN_ACT_RELU: mdnn_dw_plane33(d, p, t, SX, MDNN_ACT_RELU); break;          \
+        case MDNN_ACT_LEAKY_RELU:                                                        \
+        case MDNN_ACT_PRELU: mdnn_dw_plane33(d, p, t, SX, MDNN_ACT_LEAKY_RELU); break;   \
+        case MDNN_ACT_CLIPPED_RELU: mdnn_dw_plane33(d, p, t, SX, MDNN_ACT_CLIPPED_RELU); break; \
+        case MDNN_ACT_SMELU: mdnn_dw_plane33(d, p, t, SX, MDNN_ACT_SMELU); break;        \
+        default: mdnn_dw_plane33(d, p, t, SX, MDNN_ACT_IDENTITY);                        \
+        }
+    #endif
+
     /* one (sample, output channel) plane; NR, NC, SX, DX are compile-time constants in
      * the specialised instances below (HOIST: keep the NR*NC <= 9 taps in registers) */
     static inline __attribute__((always_inline)) void
@@ -250,16 +451,9 @@ cdef extern from *:
             const int Wb = d->Wb, Rp = d->Rp, py = d->py;
             long key = (long)n * d->K + f / d->m, held;
             memcpy(&held, slot, sizeof held);
+            (void)Rp; (void)py;
             if (held != key) {
-                int r;
-                memset(buf, 0, (size_t)py * Wb * sizeof(float));
-                for (r = 0; r < R; r++) {
-                    float* br = buf + (long)(py + r) * Wb;
-                    memset(br, 0, (size_t)px * sizeof(float));
-                    memcpy(br + px, xp + (long)r * C, (size_t)C * sizeof(float));
-                    memset(br + px + C, 0, (size_t)(Wb - px - C) * sizeof(float));
-                }
-                memset(buf + (long)(py + R) * Wb, 0, (size_t)(Rp - py - R) * Wb * sizeof(float));
+                mdnn_dw_fill(d, xp, buf, 0);
                 memcpy(slot, &key, sizeof key);
             }
             for (oy = 0; oy < Ro; oy++) {
@@ -319,8 +513,20 @@ cdef extern from *:
         }
     }
 
-    static void mdnn_dw_plane_3x3s1(const mdnn_dw_t* d, long p, int t) { mdnn_dw_plane_t(d, p, t, 3, 3, 1, 1, 1); }
-    static void mdnn_dw_plane_3x3s2(const mdnn_dw_t* d, long p, int t) { mdnn_dw_plane_t(d, p, t, 3, 3, 2, 1, 1); }
+    static void mdnn_dw_plane_3x3s1(const mdnn_dw_t* d, long p, int t)
+    {
+    #if MDNN_DW_AVX2
+        if (d->vec && d->pad) { MDNN_DW33_SWITCH(1) return; }
+    #endif
+        mdnn_dw_plane_t(d, p, t, 3, 3, 1, 1, 1);
+    }
+    static void mdnn_dw_plane_3x3s2(const mdnn_dw_t* d, long p, int t)
+    {
+    #if MDNN_DW_AVX2
+        if (d->vec && d->pad) { MDNN_DW33_SWITCH(2) return; }
+    #endif
+        mdnn_dw_plane_t(d, p, t, 3, 3, 2, 1, 1);
+    }
     static void mdnn_dw_plane_5x5s1(const mdnn_dw_t* d, long p, int t) { mdnn_dw_plane_t(d, p, t, 5, 5, 1, 1, 0); }
     static void mdnn_dw_plane_5x5s2(const mdnn_dw_t* d, long p, int t) { mdnn_dw_plane_t(d, p, t, 5, 5, 2, 1, 0); }
     static void mdnn_dw_plane_any(const mdnn_dw_t* d, long p, int t)
@@ -357,7 +563,10 @@ cdef extern from *:
         float act_p
         int vec
         int pad
-        int Rp, Wb
+        int Rp, Wb, Hb
+        long planes, ppt
+        int pairs
+        int stream
         float* ws
         long ws_per
     ctypedef void (*mdnn_dw_fn)(const mdnn_dw_t*, long, int) noexcept nogil
@@ -388,6 +597,13 @@ cdef bint _dw_vec = True
 # 2 = never.
 cdef isize DW_PAD_MAX_BYTES = 4 * 1024 * 1024
 cdef int _dw_pad_mode = 0
+# 3x3 plane loop at row stride 1: two output rows from four input rows (each loaded
+# vector used twice); False: one row at a time (tests and tuning)
+cdef bint _dw_pairs = True
+# 3x3 plane loop: outputs (N F Ro Co floats) larger than this many bytes are written with
+# non-temporal stores where a block is 16-byte aligned (no read for ownership of the
+# lines it overwrites: a third of a large convolution's memory traffic)
+cdef isize DW_STREAM_BYTES = 16 * 1024 * 1024
 # Work (output elements x taps) below which a call stays on one thread.
 cdef double MIN_PARALLEL_WORK = 100000.0
 # gemm route: one chunk of im2col columns (KgRS x pw floats) sized to sit in L2
@@ -416,6 +632,24 @@ def _set_depthwise_vector(bint on):
     global _dw_vec
     prev = _dw_vec
     _dw_vec = on
+    return prev
+
+
+def _set_depthwise_row_pairs(bint on):
+    """The 3x3 plane loop's two-rows-at-a-time step at row stride 1 (True) or one row at a
+    time; returns the previous setting."""
+    global _dw_pairs
+    prev = _dw_pairs
+    _dw_pairs = on
+    return prev
+
+
+def _set_depthwise_stream_bytes(isize v):
+    """Tuning knob: the output size above which the 3x3 plane loop streams its stores
+    (DW_STREAM_BYTES); returns the previous."""
+    global DW_STREAM_BYTES
+    prev = DW_STREAM_BYTES
+    DW_STREAM_BYTES = v
     return prev
 
 
@@ -455,6 +689,8 @@ def _dw_have_avx2():
 def _blocking():
     """The blocking constants of this module (tests/test_conv_family.py checks them)."""
     return dict(dw_block=MDNN_DW_W, dw_pad_max_bytes=DW_PAD_MAX_BYTES, gr_pw_bytes=GR_PW_BYTES,
+                dw_task_outputs=DW_TASK_OUTPUTS, dw_tasks_per_thread=DW_TASKS_PER_THREAD,
+                dw_stream_bytes=DW_STREAM_BYTES,
                 gr_min_pw=GR_MIN_PW, min_parallel_work=MIN_PARALLEL_WORK)
 
 
@@ -654,9 +890,15 @@ cdef struct DwRun:
     const mdnn_dw_t* d
 
 
-cdef void _dw_run(void* ctx, long p, int tid) noexcept nogil:
+cdef void _dw_run(void* ctx, long task, int tid) noexcept nogil:
+    # task: planes [task ppt, (task + 1) ppt)
     cdef const DwRun* r = <const DwRun*>ctx
-    r.fn(r.d, p, tid)
+    cdef long p = task * r.d.ppt, e = p + r.d.ppt
+    if e > r.d.planes:
+        e = r.d.planes
+    while p < e:
+        r.fn(r.d, p, tid)
+        p += 1
 
 
 cdef void _gr_task_run(void* ctx, long task, int tid) noexcept nogil:
@@ -678,16 +920,23 @@ cdef int _depthwise(const GArgs* a, int nt) except -1:
         nt = <int>planes
     if nt < 1:
         nt = 1
-    cdef isize nb = _ceil(a.Co, MDNN_DW_W)
-    d.Rp = a.R + 2 * a.py
-    d.Wb = <int>max(<isize>a.C + 2 * a.px, (nb * MDNN_DW_W - 1) * a.sx + (a.nc - 1) * a.dx + 1 + 8)
+    d.Rp, d.Wb, d.Hb = _dw_buffer(a.R, a.C, a.Co, a.nc, a.sy, a.sx, a.py, a.px, a.dx, which)
     d.pad = 1 if d.vec and _use_padded(<isize>d.Rp * d.Wb) else 0
     d.ws_per = (16 + <isize>d.Rp * d.Wb + 15) // 16 * 16 if d.pad else 0
+    d.planes = planes
+    d.pairs = 1 if _dw_pairs else 0
+    d.stream = 1 if 4 * <isize>planes * a.Ro * a.Co > DW_STREAM_BYTES else 0
+    d.ppt = _dw_ppt(planes, a.Ro * a.Co, nt)
+    cdef long ntasks = _ceil(planes, d.ppt)
+    if nt > ntasks:
+        nt = <int>ntasks
     cdef bint private = False
     cdef float* ws = _workspace_acquire(<size_t>(d.ws_per * nt), &private)
     cdef long none = -1
     d.ws = ws
     if d.pad:
+        # the buffers' borders are zero for the whole call (the fills write the interior)
+        memset(ws, 0, <size_t>(d.ws_per * nt) * sizeof(float))
         for t in range(nt):
             memcpy(ws + t * d.ws_per, &none, sizeof(long))      # no plane held yet
     try:
@@ -697,10 +946,43 @@ cdef int _depthwise(const GArgs* a, int nt) except -1:
                 for p in range(planes):
                     fn(&d, p, 0)
             else:
-                mdnn_parallel_for(planes, nt, _dw_run, &dw)
+                mdnn_parallel_for(ntasks, nt, _dw_run, &dw)
     finally:
         _workspace_release(ws, private)
     return 0
+
+
+# Depthwise tasks: runs of whole planes of at least DW_TASK_OUTPUTS outputs (small planes:
+# 14x14, 7x7 ... cost a claim of the shared counter each), while there are at least
+# DW_TASKS_PER_THREAD tasks per thread.
+cdef long DW_TASK_OUTPUTS = 2048
+cdef long DW_TASKS_PER_THREAD = 4
+
+
+cdef long _dw_ppt(long planes, long plane_size, int nt) noexcept nogil:
+    cdef long ppt = _ceil(DW_TASK_OUTPUTS, plane_size if plane_size > 0 else 1)
+    cdef long cap = planes // (DW_TASKS_PER_THREAD * nt) if nt > 1 else planes
+    if ppt > cap:
+        ppt = cap
+    return ppt if ppt >= 1 else 1
+
+
+cdef tuple _dw_buffer(isize R, isize C, isize Co, int nc, int sy, int sx, int py, int px, int dx,
+                      int which):
+    """(Rp, Wb, Hb): the padded plane's rows, row length, and (3x3 stride 2) half row."""
+    cdef isize nb = _ceil(Co, MDNN_DW_W), Hb = 0, Wb
+    if which == 2:
+        # de-interleaved: the padded row's even columns then its odd ones; a block of 8
+        # at ox reads E[ox .. ox + 8] and O[ox .. ox + 7]
+        Hb = max(_ceil(C + 2 * px, 2), nb * MDNN_DW_W + 1)
+        Hb = _ceil(Hb, 16) * 16
+        Wb = 2 * Hb
+    else:
+        Wb = max(C + 2 * px + 8, (nb * MDNN_DW_W - 1) * sx + (nc - 1) * dx + 1 + 8)
+    # rows start on 64-byte lines (the workspace and each thread's slot are 64-byte
+    # aligned): a block's first tap (and at stride 2 its second) never straddles two lines
+    Wb = _ceil(Wb, 16) * 16
+    return R + 2 * py, Wb, Hb
 
 
 def _dw_plan_for(x_shape, w_shape, int stride_y, int stride_x, int pad_y, int pad_x,
@@ -711,12 +993,22 @@ def _dw_plan_for(x_shape, w_shape, int stride_y, int stride_x, int pad_y, int pa
     F, _, nr, nc = w_shape
     Ro, Co = _geometry("_dw_plan_for", tuple(x_shape), tuple(w_shape), stride_y, stride_x,
                        pad_y, pad_x, dilation_y, dilation_x, K)
-    nb = -(-Co // MDNN_DW_W)
-    Rp = R + 2 * pad_y
-    Wb = max(C + 2 * pad_x, (nb * MDNN_DW_W - 1) * stride_x + (nc - 1) * dilation_x + 1 + 8)
+    variant = _depthwise_variant(nr, nc, stride_x, dilation_x)
+    which = ("any", "3x3s1", "3x3s2", "5x5s1", "5x5s2").index(variant)
+    Rp, Wb, Hb = _dw_buffer(R, C, Co, nc, stride_y, stride_x, pad_y, pad_x, dilation_x, which)
     vec = _dw_vec and mdnn_dw_have_avx2()
-    return dict(vec=bool(vec), padded=bool(vec and _use_padded(Rp * Wb)), Rp=Rp, Wb=Wb,
-                variant=_depthwise_variant(nr, nc, stride_x, dilation_x))
+    return dict(vec=bool(vec), padded=bool(vec and _use_padded(Rp * Wb)), Rp=Rp, Wb=Wb, Hb=Hb,
+                variant=variant)
+
+
+def _dw_tasks_for(x_shape, w_shape, int stride_y, int stride_x, int pad_y, int pad_x, int nt,
+                  int dilation_y=1, int dilation_x=1):
+    """The depthwise route's parallel split at nt threads: (planes per task, tasks)."""
+    Ro, Co = _geometry("_dw_tasks_for", tuple(x_shape), tuple(w_shape), stride_y, stride_x,
+                       pad_y, pad_x, dilation_y, dilation_x, x_shape[1])
+    planes = x_shape[0] * w_shape[0]
+    ppt = _dw_ppt(planes, Ro * Co, nt)
+    return ppt, -(-planes // ppt)
 
 
 def _depthwise_variant(int nr, int nc, int stride_x, int dilation_x):

@@ -87,6 +87,29 @@ def activation(x, y, act):
             mdnn_parallel_for(nb, nt, _activation_run, &e)
 
 
+def _activation_scalar(x, y, act):
+    """y = act(x) one element at a time through the scalar mdnn_act of activations.h
+    (for tests: mdnn_act_array takes the AVX2 formulas of act_avx2.h when compiled with
+    them, and they must agree bit for bit)."""
+    cdef float p
+    cdef int code = _act(act, &p, "_activation_scalar")
+    cdef cnp.ndarray ax = _f32(x, "_activation_scalar x")
+    cdef cnp.ndarray ay = _f32(y, "_activation_scalar y", True)
+    if not _same_shape(ax, ay):
+        raise ValueError(f"_activation_scalar: y has shape {_shape(ay)}, x has {_shape(ax)}")
+    cdef isize n = cnp.PyArray_SIZE(ax), i
+    cdef const float* px = _ptr(ax)
+    cdef float* py = _ptr(ay)
+    with nogil:
+        for i in range(n):
+            py[i] = mdnn_act(code, px[i], p)
+
+
+def _act_have_avx2():
+    """Whether mdnn_act_array runs the AVX2 formulas (act_avx2.h) in this build."""
+    return bool(MDNN_ACT_HAVE_AVX2)
+
+
 cdef inline void _add_block(const float* a, const float* b, float* y, isize n,
                             int code, float p) noexcept nogil:
     cdef isize i
