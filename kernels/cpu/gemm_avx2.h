@@ -248,34 +248,13 @@ static __attribute__((noinline)) void mdnn_pack_b(const mdnn_conv_t* c, long q0,
 #define MDNN_EPI 2
 
 #if MDNN_HAVE_AVX2
-/* The activations cheap enough to apply to the accumulators themselves, with
- * the arithmetic of activations.h lane by lane (NaN passes through: the
- * operand orders of max/min are chosen for it); the others run over the
- * finished tile (mdnn_act_array). */
+/* The activations cheap enough to apply to the accumulators themselves
+ * (act_avx2.h's mdnn_act8: activations.h's formulas lane by lane); the others
+ * run over the finished tile (mdnn_act_array). */
 static inline int mdnn_act_in_registers(int act)
 {
     return act == MDNN_ACT_CLIPPED_RELU || act == MDNN_ACT_LEAKY_RELU || act == MDNN_ACT_PRELU
            || act == MDNN_ACT_SMELU;
-}
-
-static inline __attribute__((always_inline)) __m256 mdnn_act_ps(int act, __m256 v, float p)
-{
-    __m256 zero = _mm256_setzero_ps(), pv = _mm256_set1_ps(p);
-    switch (act) {
-    case MDNN_ACT_CLIPPED_RELU:      /* y = x < 0 ? 0 : x; y > p ? p : y */
-        return _mm256_min_ps(pv, _mm256_max_ps(zero, v));
-    case MDNN_ACT_LEAKY_RELU:
-    case MDNN_ACT_PRELU:             /* x > 0 ? x : p x */
-        return _mm256_blendv_ps(_mm256_mul_ps(pv, v), v, _mm256_cmp_ps(v, zero, _CMP_GT_OQ));
-    case MDNN_ACT_SMELU: {           /* x >= p ? x : (x <= -p ? 0 : (x + p)^2 / (4 p)) */
-        __m256 t = _mm256_add_ps(v, pv);
-        __m256 q = _mm256_div_ps(_mm256_mul_ps(t, t), _mm256_set1_ps(4.0f * p));
-        __m256 r = _mm256_blendv_ps(q, zero, _mm256_cmp_ps(v, _mm256_set1_ps(-p), _CMP_LE_OQ));
-        return _mm256_blendv_ps(r, v, _mm256_cmp_ps(v, pv, _CMP_GE_OQ));
-    }
-    default:
-        return v;
-    }
 }
 
 /* One row of the tile into out (the store of the micro-kernel below). */
@@ -302,8 +281,8 @@ mdnn_store_row(float* o, __m256 v0, __m256 v1, int mode, const float* bias,
             v0 = _mm256_max_ps(_mm256_setzero_ps(), v0);
             v1 = _mm256_max_ps(_mm256_setzero_ps(), v1);
         } else if (act > MDNN_ACT_RELU && mdnn_act_in_registers(act)) {
-            v0 = mdnn_act_ps(act, v0, ap);
-            v1 = mdnn_act_ps(act, v1, ap);
+            v0 = mdnn_act8(act, v0, ap);
+            v1 = mdnn_act8(act, v1, ap);
         }
     }
     _mm256_storeu_ps(o, v0);
