@@ -10,6 +10,9 @@ import pytest
 def pytest_addoption(parser):
     parser.addoption("--gpu", action="store_true", default=False,
                      help="run the GPU tests (a usable CUDA GPU is then required)")
+    parser.addoption("--shard", default=None, metavar="I/N",
+                     help="run only every N-th collected test starting at the I-th "
+                          "(0 <= I < N), to split the suite over parallel processes")
 
 
 def pytest_configure(config):
@@ -34,7 +37,25 @@ def _gpu_problem():
     return None
 
 
+def _shard(config, items):
+    spec = config.getoption("--shard")
+    if not spec:
+        return
+    try:
+        i, n = (int(v) for v in spec.split("/"))
+        if not 0 <= i < n:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"--shard expects I/N with 0 <= I < N, got {spec!r}")
+    keep, drop = [], []
+    for k, item in enumerate(items):
+        (keep if k % n == i else drop).append(item)
+    config.hook.pytest_deselected(items=drop)
+    items[:] = keep
+
+
 def pytest_collection_modifyitems(config, items):
+    _shard(config, items)
     if config.getoption("--gpu"):
         return
     skip = pytest.mark.skip(reason="GPU test: run with --gpu")
