@@ -16,6 +16,7 @@ Every layer is a subclass of :class:`Layer`, whose docstring is the contract.
 """
 import collections
 import contextlib
+import os
 import threading
 
 import numpy as np
@@ -57,6 +58,27 @@ def check_not_running(net, what):
         if prog.thread != me and nodes.intersection(prog.node_outputs):
             raise RuntimeError(f"{what}: another thread is running a forward of this network; "
                                f"change a network only while no thread runs it")
+
+
+def _physical_memory():
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+_PHYSICAL_MEMORY = _physical_memory()
+
+
+def check_host_memory(nbytes, what):
+    """MemoryError before asking for more host memory in one block than the machine has:
+    where the OS overcommits, such an allocation succeeds and the process is killed when
+    the pages are touched, which would be a crash instead of an error."""
+    total = _PHYSICAL_MEMORY
+    if total is not None and nbytes > total:
+        raise MemoryError(f"{what} needs {nbytes / 2 ** 30:.1f} GiB; this machine has "
+                          f"{total / 2 ** 30:.1f} GiB")
 
 
 def _recent_programs():
@@ -526,26 +548,36 @@ class Node:
     def subnet(self):
         return self._subnet
 
+    def _latest_program(self):
+        """The calling thread's latest program that ran through this node, or None."""
+        for prog in reversed(_recent_programs()):
+            if self in prog.nodes:
+                return prog
+        return None
+
     def _last_output(self):
         """The backend buffer of this node's output in the calling thread's latest program
-        that computed it, or None."""
-        for prog in reversed(_recent_programs()):
-            y = prog.node_outputs.get(self)
-            if y is not None:
-                return y
-        return None
+        that computed it, or None (also where that program has reused the buffer: an older
+        program's buffer would be another forward's answer)."""
+        prog = self._latest_program()
+        return None if prog is None else prog.node_outputs.get(self)
+
+    def _last_shape(self):
+        """The shape of this node's output at the latest forward through it, or None."""
+        prog = self._latest_program()
+        return None if prog is None else prog.node_shapes[self]
 
     def get_output(self):
         """The output of this node at the last forward (in the calling thread) that went
         through it, as a NumPy array, or None. (A compiled CPU forward lets buffers share
         memory once they are no longer needed; a node whose buffer was reused recomputes
         its output here from that forward's input.)"""
-        y = self._last_output()
-        if y is None:
-            for prog in reversed(_recent_programs()):
-                if self in prog.nodes:
-                    return self._forward_tensor(prog.x.copy())
+        prog = self._latest_program()
+        if prog is None:
             return None
+        y = prog.node_outputs.get(self)
+        if y is None:
+            return self._forward_tensor(prog.x.copy())
         return ops.backend_of(y).to_numpy(y)
 
     def programs(self):
@@ -695,9 +727,9 @@ class Node:
             text = text.rstrip()
             if layer.disabled:
                 text += " (disabled)"
-            y = n._last_output()
-            if y is not None:
-                text += f"  -> {tuple(y.shape)}"
+            shape = n._last_shape()
+            if shape is not None:
+                text += f"  -> {shape}"
             lines.append(text)
         return "\n".join(lines)
 
@@ -1049,6 +1081,7 @@ class Program:
         self.outputs = outputs
         self.memory = {"buffers": 0, "planned": 0}
         self.nodes = frozenset(n for n, _ in outputs)
+        self.node_shapes = {n: tuple(int(d) for d in b.shape) for n, b in outputs}
         stale = set()
         if self.device == "cpu" and reuse_memory[0]:
             stale = self._share_memory(plan, y)

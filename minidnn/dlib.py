@@ -1813,8 +1813,7 @@ def _shapes(net):
     """The output shape of each node at the last forward (None where unknown), top first."""
     out = []
     for n in net.chain():
-        y = n._last_output()
-        out.append(None if y is None else tuple(int(s) for s in y.shape))
+        out.append(n._last_shape())
     return out
 
 
@@ -1932,8 +1931,8 @@ def _cpp_loss(layer, sub, nodes):
     name = type(layer).__name__
     if name == "loss_mean_squared_per_pixel_":
         # dlib's is for one channel; loss_mean_squared_per_channel_and_pixel<K> for K
-        k = nodes[1]._last_output()
-        k = int(k.shape[1]) if k is not None else _channels_below(nodes, 1)
+        k = nodes[1]._last_shape()
+        k = int(k[1]) if k is not None else _channels_below(nodes, 1)
         tag = _extras.get(layer, {}).get("tag")
         if tag == "loss_mean_squared_per_channel_and_pixel_" or (tag is None and k not in (None, 1)):
             if k is None:

@@ -42,3 +42,30 @@ def test_resnet18_batch_32_peak_memory():
     prog = core.Program(net, x.shape, dnn.ops.backend("cpu"))
     mib = {k: v / 2 ** 20 for k, v in prog.memory.items()}
     assert mib["buffers"] > 700 and mib["planned"] < 0.4 * mib["buffers"], mib
+
+
+def test_get_output_is_the_latest_forward_even_where_its_buffer_was_reused():
+    """A node whose buffer the latest forward reused is recomputed from that forward's input,
+    never answered from an older program that still holds its buffer (here the one for
+    batch 1, where the same node's output was kept): get_output and print(net) follow the
+    latest forward's batch."""
+    net = nets.randomized(nets.cifar_resnet(widths=(8, 16, 16)), (1, 3, 16, 16))
+    rng = np.random.default_rng(1)
+    x1 = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    x3 = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
+    core.reuse_memory[0] = False
+    core.structure_changed()
+    try:
+        net.forward(x3)
+        want = [n.get_output() for n in net.chain()]
+        net.forward(x1)                       # every buffer kept: node_outputs holds them all
+    finally:
+        core.reuse_memory[0] = True
+        core.structure_changed()
+    net.forward(x1)
+    net.forward(x3)                           # shares memory: some nodes' buffers reused
+    reused = [n for n in net.chain() if n not in net.programs()[-1].node_outputs]
+    assert reused
+    for node, w in zip(net.chain(), want):
+        np.testing.assert_array_equal(node.get_output(), w)
+    assert "-> (1, " not in str(net)

@@ -42,6 +42,7 @@ import threading  # noqa: E402
 import minidnn  # noqa: E402
 from minidnn import ops as _ops  # noqa: E402
 from minidnn._sources import check_fresh  # noqa: E402
+from minidnn.core import check_host_memory as _check_host_memory  # noqa: E402
 
 # every compiled kernels/cpu/NAME.pyx: the extension module minidnn._cpu_NAME
 KERNEL_MODULES = tuple(importlib.import_module(f"minidnn.{m.name}")
@@ -74,6 +75,7 @@ globals().update(_collect(KERNEL_MODULES, grad=False))
 
 def empty(shape):
     """An uninitialised float32 C-contiguous array of the given shape."""
+    _check_host_memory(4 * int(np.prod(shape, dtype=np.float64)), f"a buffer of shape {tuple(shape)}")
     return np.empty(shape, dtype=np.float32)
 
 

@@ -1,7 +1,7 @@
 """What the layers share: argument checks, parameter initialisation, output sizes."""
 import numpy as np
 
-from ..core import ShapeError
+from ..core import ShapeError, check_host_memory
 
 CONV, FC = "conv", "fc"
 
@@ -16,6 +16,7 @@ def set_seed(seed):
 
 def randn(shape, fan_in):
     """He initialisation (fine for ReLU networks), float32."""
+    check_host_memory(12 * int(np.prod(shape, dtype=np.float64)), f"a parameter of shape {shape}")
     return (_rng[0].standard_normal(shape) * np.sqrt(2.0 / max(fan_in, 1))).astype(np.float32)
 
 
