@@ -49,12 +49,16 @@ torch.backends.cudnn.benchmark = True
 BATCHES = {"lenet": (1, 256), "cifar_resnet": (1, 64), "resnet18": (1, 64), "mobilenet_v2": (1, 64)}
 
 
-def time_calls(fn, sync, reps, warm=3):
+def time_calls(fn, sync, reps, warm=3, budget_s=0.3):
+    """Median wall-clock ms of fn() + sync(): at least `reps` calls, and more (up to 5000)
+    until `budget_s` has passed, so that the microsecond-scale rows are not a handful of
+    samples on a noisy host."""
     for _ in range(warm):
         fn()
     sync()
     ts = []
-    for _ in range(reps):
+    end = time.perf_counter() + budget_s
+    while len(ts) < reps or (len(ts) < 5000 and time.perf_counter() < end):
         t = time.perf_counter()
         fn()
         sync()
