@@ -298,6 +298,18 @@ CONV_CASES += [
     (1, 13, 12, 13, 364, 5, 5, 1, 3, 2, 0),    # KRS = 325
     (4, 330, 3, 3, 121, 1, 1, 1, 1, 1, 1),     # 1x1 with padding: not the blas direct mode
 ]
+# 1x1 stride-1 unpadded convs with P % 16 == 0: the padded-rows route reads B straight
+# from the image (no buffer), any Co: rows narrower than 8, chunks that span samples,
+# 2+ K blocks, filter counts around MR, one filter
+CONV_CASES += [
+    (1, 16, 28, 28, 13, 1, 1, 1, 1, 0, 0),     # P = 784, Co = 28
+    (3, 700, 4, 4, 19, 1, 1, 1, 1, 0, 0),      # P = 16, K over MDNN_KC
+    (2, 5, 8, 6, 7, 1, 1, 1, 1, 0, 0),         # P = 48, Co = 6
+    (1, 3, 16, 16, 1, 1, 1, 1, 1, 0, 0),       # one filter
+    (5, 33, 2, 8, 6, 1, 1, 1, 1, 0, 0),        # P = 16, five samples
+    (2, 17, 4, 8, 11, 1, 1, 1, 1, 0, 0),       # KRS = 17: column tiles outside
+    (2, 16, 4, 8, 11, 1, 1, 1, 1, 0, 0),       # KRS = 16: filter tiles outside
+]
 # batch edges of the blas path's sample groups (P = 64 -> G = 3, P = 9 -> G = 22)
 CONV_CASES += [conv_case(N, 8, 8, 125, 324) for N in (2, 3, 4, 7)]
 CONV_CASES += [conv_case(N, 3, 3, 13, 645) for N in (21, 22, 23, 45)]
@@ -432,6 +444,12 @@ def test_blocking_constants():
     if AVX2:
         assert _cpu_conv._conv_path_for((1, 8, 4, 5), (8, 8, 3, 3), 1, 1, 1, 1) == "implicit"
         assert _cpu_conv._conv_path_for((1, 8, 3, 7), (8, 8, 3, 3), 1, 1, 1, 1) == "blas"
+        # 1x1 at batch 1: OpenBLAS for K >= 512 over at most 64 pixels
+        for K, R, path in ((512, 8, "blas"), (511, 8, "implicit"), (512, 9, "implicit"),
+                           (960, 7, "blas")):
+            assert _cpu_conv._conv_path_for((1, K, R, R), (16, K, 1, 1), 1, 1, 0, 0) == path
+    # the zero-copy 1x1 route runs filter tiles outside up to KRS = 16 (cases 16 and 17 above)
+    assert _cpu_conv._set_zc_rows_outer(16) == 16
 
 
 # ------------------------------------------------------ random search

@@ -47,7 +47,7 @@ cdef extern from "gemm_avx2.h" nogil:
         float act_p
     int MDNN_NR, MDNN_KC, MDNN_MR, MDNN_MC, MDNN_NARROW
     int mdnn_have_avx2()
-    int mdnn_kc, mdnn_mc
+    int mdnn_kc, mdnn_mc, mdnn_zc_rows_outer
     void mdnn_conv_task(const mdnn_conv_t* c, long q0, int ncols, int f0, int nf,
                         float* bpack)
     int mdnn_direct_ok(const mdnn_conv_t* c)
@@ -415,6 +415,12 @@ cdef bint _use_implicit(const ConvArgs* a) noexcept nogil:
     if a.nr == 1 and a.nc == 1 and a.sy == 1 and a.sx == 1 and a.py == 0 and a.px == 0 \
             and a.N > 1:
         return False
+    # and at batch 1 the 7x7 projections with long reductions (MobileNet-v2's 960 > 320,
+    # 960 > 160, 576 > 160): 49 columns are 3 tiles and a narrow one, each re-reading the
+    # filters' rows; OpenBLAS packs them once and ran 1.15-1.25x faster
+    if a.nr == 1 and a.nc == 1 and a.sy == 1 and a.sx == 1 and a.py == 0 and a.px == 0 \
+            and Q <= 64 and a.KRS >= 512:
+        return False
     return True
 
 
@@ -455,6 +461,15 @@ def _set_mc(int v):
     global mdnn_mc
     prev = mdnn_mc
     mdnn_mc = max(6, min(v, MDNN_MC))
+    return prev
+
+
+def _set_zc_rows_outer(int v):
+    """Tuning knob: the largest reduction length (K of a 1x1 conv) whose zero-copy route
+    runs filter tiles outside column tiles (default 16); returns the previous value."""
+    global mdnn_zc_rows_outer
+    prev = mdnn_zc_rows_outer
+    mdnn_zc_rows_outer = v
     return prev
 
 
