@@ -2,6 +2,7 @@
 (each thread runs its own compiled programs; the parameters are shared), kernel teams
 shrink so threads do not oversubscribe the cores, and changing a net's structure while
 another thread runs it is refused."""
+import os
 import threading
 import time
 
@@ -159,3 +160,33 @@ def test_changing_a_net_that_another_thread_runs_is_refused():
         stop.set()
         t.join()
     assert refused == 1
+
+
+def test_every_kernel_module_shares_one_worker_pool():
+    """parallel.h's pool is one per process: the first kernel module imported publishes it
+    and the others adopt it (a pool per module left the last module's workers spinning on
+    the cores the next module's team needed). Then a forward that alternates modules (conv,
+    depthwise, pooling, add) creates at most team - 1 worker threads in all."""
+    import subprocess
+    import sys
+    code = (
+        "import threading, numpy as np, minidnn as dnn\n"
+        "from minidnn.backends import cpu\n"
+        "mods = [m for m in cpu.KERNEL_MODULES if hasattr(m, '_pool_address')]\n"
+        "assert len(mods) >= 5, mods\n"
+        "assert len({m._pool_address() for m in mods}) == 1\n"
+        "cpu.set_num_threads(3)\n"
+        "x = dnn.tag1(dnn.con(32, 3, 3, 1, 1, dnn.input_tensor()))\n"
+        "x = dnn.con(32, 3, 3, 1, 1, x, groups=32)\n"
+        "x = dnn.max_pool(3, 3, 1, 1, dnn.con(32, 3, 3, 1, 1, x))\n"
+        "net = dnn.relu(dnn.add_prev1(x))\n"
+        "import os\n"
+        "n0 = len(os.listdir('/proc/self/task'))\n"
+        "net.forward(np.random.rand(2, 3, 64, 64).astype(np.float32))\n"
+        "n1 = len(os.listdir('/proc/self/task'))\n"
+        "assert n1 - n0 <= 2, (n0, n1)\n"
+        "print('ok', n0, n1)\n")
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("no /proc/self/task here")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
