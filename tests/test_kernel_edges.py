@@ -633,6 +633,14 @@ POOL_CASES = [
     (1, 3, 11, 10, 4, 4, 3, 3, 3, 3), (2, 2, 9, 13, 2, 2, 4, 5, 1, 1),
     (3, 5, 8, 1, 3, 1, 1, 1, 2, 0), (3, 5, 1, 8, 1, 3, 1, 1, 0, 2),
     (2, 3, 7, 7, 7, 7, 1, 1, 0, 0), (17, 1, 16, 16, 5, 5, 2, 2, 4, 4),
+    # a window that is the whole plane (avg: eight partial sums): 1, 7, 8, 9 and 49 pixels
+    (3, 5, 1, 1, 1, 1, 1, 1, 0, 0), (2, 4, 1, 7, 1, 7, 1, 1, 0, 0),
+    (2, 4, 2, 4, 2, 4, 1, 1, 0, 0), (2, 4, 3, 3, 3, 3, 1, 1, 0, 0),
+    (1, 1280, 7, 7, 7, 7, 1, 1, 0, 0),         # MobileNet's head: 1280 planes in tasks of 83
+    # planes per task = GRAIN / 4 window reads (4096 / 9 = 455 planes of one 3x3 window),
+    # at two threads (work > 2 GRAIN): 8 full tasks and a last one of 1, 0 or 454 planes
+    (1, 3641, 3, 3, 3, 3, 1, 1, 0, 0), (1, 3640, 3, 3, 3, 3, 1, 1, 0, 0),
+    (1, 3639, 3, 3, 3, 3, 1, 1, 0, 0),
 ]
 
 

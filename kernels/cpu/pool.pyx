@@ -12,6 +12,10 @@ from libc.math cimport INFINITY
 cdef isize GRAIN = 1 << 14
 
 
+cdef inline isize _ceil(isize a, isize b) noexcept nogil:
+    return (a + b - 1) // b
+
+
 cdef void _max_plane(const float* x, float* y, int R, int C, int Ro, int Co,
                      int nr, int nc, int sy, int sx, int py, int px) noexcept nogil:
     cdef int oy, ox, iy, ix, y0, y1, x0, x1
@@ -92,11 +96,36 @@ cdef void _max_plane_sep(const float* x, float* y, int R, int C, int Ro, int Co,
                 out[ox] = h[ox * sx]
 
 
+cdef float _plane_mean(const float* x, isize n) noexcept nogil:
+    """The mean of n contiguous floats: eight partial sums (independent add chains; one
+    chain is bound by the add latency), then combined pairwise."""
+    cdef float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0
+    cdef isize i = 0
+    while i + 8 <= n:
+        s0 = s0 + x[i]
+        s1 = s1 + x[i + 1]
+        s2 = s2 + x[i + 2]
+        s3 = s3 + x[i + 3]
+        s4 = s4 + x[i + 4]
+        s5 = s5 + x[i + 5]
+        s6 = s6 + x[i + 6]
+        s7 = s7 + x[i + 7]
+        i += 8
+    while i < n:
+        s0 = s0 + x[i]
+        i += 1
+    return (((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))) / <float>n
+
+
 cdef void _avg_plane(const float* x, float* y, int R, int C, int Ro, int Co,
                      int nr, int nc, int sy, int sx, int py, int px) noexcept nogil:
     cdef int oy, ox, iy, ix, y0, y1, x0, x1
     cdef float s
     cdef const float* xr
+    if Ro == 1 and Co == 1 and nr == R and nc == C and py == 0 and px == 0:
+        # the window is the plane (avg_pool_everything, MobileNet's 7x7 head)
+        y[0] = _plane_mean(x, <isize>R * C)
+        return
     for oy in range(Ro):
         y0 = oy * sy - py
         y1 = min(y0 + nr, R)
@@ -141,6 +170,17 @@ cdef struct PoolArgs:
     int R, C, Ro, Co, nr, nc, sy, sx, py, px
     isize pin, pout
     int kind               # 0 average, 1 max, 2 separable max
+    isize NK, per          # planes, planes per task
+
+
+cdef void _pool_task(void* ctx, long t, int tid) noexcept nogil:
+    """Task t: planes [t * per, (t + 1) * per) (each plane by one thread, in order)."""
+    cdef const PoolArgs* a = <const PoolArgs*>ctx
+    cdef isize i, e = (t + 1) * a.per
+    if e > a.NK:
+        e = a.NK
+    for i in range(t * a.per, e):
+        _pool_run(ctx, i, tid)
 
 
 cdef void _pool_run(void* ctx, long i, int tid) noexcept nogil:
@@ -176,12 +216,16 @@ def _pool(bint is_max, str op, x, y, int nr, int nc, int stride_y, int stride_x,
     a.x, a.y, a.R, a.C, a.Ro, a.Co, a.nr, a.nc = px, py, R, C, Ro, Co, nr, nc
     a.sy, a.sx, a.py, a.px, a.pin, a.pout = stride_y, stride_x, pad_y, pad_x, pin, pout
     a.kind = (2 if sep else 1) if is_max else 0
+    # tasks of whole planes, at least GRAIN / 4 window reads each (a task per small plane
+    # cost more in claiming it than in pooling it: 1280 planes of 7x7 took 76 us)
+    a.NK = NK
+    a.per = max(1, min(_ceil(NK, nt), (GRAIN // 4) // max(1, pout * nr * nc)))
     with nogil:
         if nt == 1:
             for i in range(NK):
                 _pool_run(&a, i, 0)
         else:
-            mdnn_parallel_for(NK, nt, _pool_run, &a)
+            mdnn_parallel_for(_ceil(NK, a.per), nt, _pool_task, &a)
 
 
 def max_pool(x, y, int nr, int nc, int stride_y, int stride_x, int pad_y, int pad_x):
