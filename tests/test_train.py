@@ -427,26 +427,44 @@ def test_training_killed_from_outside_resumes(tmp_path):
     script = tmp_path / "train_script.py"
     script.write_text(_SCRIPT.format(tests=os.path.join(ROOT, "tests")))
     epochs = 30
-    r = _run(script, tmp_path / "a.sync", tmp_path / "a.npz", 0, epochs)
-    assert r.returncode == 0, r.stderr
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    sync = tmp_path / "b.sync"
-    p = subprocess.Popen([sys.executable, str(script), str(sync), str(tmp_path / "b.npz"), "0",
-                          str(epochs)], env=env, cwd=ROOT, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not sync.exists() and p.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.3)
-    p.kill()
-    p.wait(timeout=60)
-    p.stderr.close()
-    if p.returncode == 0:
-        pytest.skip("the training finished before it could be killed")
+
+    def start(sync, out):
+        return subprocess.Popen([sys.executable, str(script), str(sync), str(out), "0",
+                                 str(epochs)], env=env, cwd=ROOT, stderr=subprocess.PIPE)
+
+    def wait_for(path, p):
+        deadline = time.monotonic() + 120
+        while not path.exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return time.monotonic()
+
+    # uninterrupted, timing the span between the first checkpoint and the end
+    p = start(tmp_path / "a.sync", tmp_path / "a.npz")
+    t0 = wait_for(tmp_path / "a.sync", p)
+    _, err = p.communicate(timeout=300)
+    span = time.monotonic() - t0
+    assert p.returncode == 0, err
+    # killed somewhere in the middle of that span; a machine that ran faster this time
+    # finishes first, and the next try kills sooner
+    for attempt in range(4):
+        sync, out = tmp_path / f"b{attempt}.sync", tmp_path / f"b{attempt}.npz"
+        p = start(sync, out)
+        wait_for(sync, p)
+        time.sleep(span * 0.4 / 2 ** attempt)
+        p.kill()
+        p.wait(timeout=60)
+        p.stderr.close()
+        if p.returncode != 0 and not out.exists():
+            break
+    else:
+        pytest.fail(f"the training (about {span:.2f} s) always finished before it was killed")
     assert p.returncode == -signal.SIGKILL
-    assert sync.exists() and not (tmp_path / "b.npz").exists()
-    r = _run(script, sync, tmp_path / "b.npz", 0, epochs)
+    assert sync.exists()
+    r = _run(script, sync, out, 0, epochs)
     assert r.returncode == 0, r.stderr
-    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+    with np.load(tmp_path / "a.npz") as a, np.load(out) as b:
+        assert a.files == b.files
         for k in a.files:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
